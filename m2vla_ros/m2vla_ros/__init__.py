@@ -1,0 +1,1 @@
+"""m2vla_ros: thin rclpy nodes over m2vla_core (convert messages, call the library)."""
