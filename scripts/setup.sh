@@ -18,11 +18,11 @@ fi
 stamp_ok() { [ -f "$VENV/.stamp-$1" ] && [ "$(cat "$VENV/.stamp-$1")" = "$2" ]; }
 stamp_set() { printf '%s' "$2" > "$VENV/.stamp-$1"; }
 
-lock_hash=$(sha256sum requirements.lock | cut -c1-16)
+lock_hash=$(cat requirements.lock requirements-ros.lock | sha256sum | cut -c1-16)
 if ! stamp_ok lock "$lock_hash"; then
-  log "installing pinned dependencies (requirements.lock)"
+  log "installing pinned dependencies (requirements.lock, requirements-ros.lock)"
   # torch==2.13.0 is pinned in the lock: an unpinned torch would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-ros.lock
   stamp_set lock "$lock_hash"
 fi
 

@@ -46,6 +46,8 @@ def _ros_probe() -> dict:
         if line.startswith("{"):
             return json.loads(line)
     detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if "No module named m2vla_ros" in detail:
+        return {"ok": False, "error": f"m2vla_msgs / m2vla_ros are not built in {rosenv.workspace_install()}: run `make setup`"}
     return {"ok": False, "error": f"ROS probe failed: {detail}"}
 
 
