@@ -17,6 +17,7 @@ INTERFACES = (
     "m2vla_msgs.msg:PolicyStatus",
     "m2vla_msgs.msg:ControllerStatus",
     "m2vla_msgs.msg:TaskStatus",
+    "m2vla_msgs.msg:FeatureContract",
     "m2vla_msgs.srv:LoadPolicy",
     "m2vla_msgs.srv:Reset",
     "m2vla_msgs.srv:Stop",

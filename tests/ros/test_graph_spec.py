@@ -1,0 +1,75 @@
+"""One source of truth for the node graph: the launch file and `m2vla bringup` both come from
+m2vla_ros.graph, and every parameter they set exists in the node's YAML."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_FILE = REPO / "m2vla_ros" / "launch" / "bringup.launch.py"
+CONFIG_DIR = REPO / "m2vla_ros" / "config"
+
+
+def _graph():
+    from m2vla_ros import graph  # imported from the colcon install (PYTHONPATH set by `m2vla env`)
+
+    return graph
+
+
+@pytest.mark.parametrize("words", [[], ["sim:=false"], ["sim:=true", "device:=cuda", "policy:=/tmp/ckpt"]])
+def test_bringup_dry_run_starts_exactly_the_spec_nodes(words, ros_env, python):
+    graph = _graph()
+    from m2vla_ros.bringup import node_command
+
+    out = subprocess.run([python, "-m", "m2vla_ros.cli", "bringup", "--dry-run", *words],
+                         env=ros_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    started = json.loads(out.stdout)
+    expected = graph.resolve(graph.parse_arguments(words))
+    assert [s["name"] for s in started] == [n.name for n in expected]
+    assert [s["cmd"][1:] for s in started] == [node_command(n, graph.config_dir())[1:] for n in expected]
+
+
+def test_sim_false_drops_the_sim_node_and_targets_ros2_control():
+    graph = _graph()
+    nodes = {n.name: n for n in graph.resolve(graph.parse_arguments(["sim:=false"]))}
+    assert "m2vla_sim" not in nodes
+    assert nodes["m2vla_controller"].overrides["output"] == "joint_trajectory"
+    assert "m2vla_sim" in {n.name for n in graph.resolve(graph.parse_arguments(["sim:=true"]))}
+
+
+def test_launch_file_declares_every_argument_and_builds_nodes_only_from_the_spec():
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    called = {ast.unparse(c.func) for c in calls}
+    assert "graph.resolve" in called, "the launch file must take its nodes from graph.resolve"
+    assert any("graph.ARGUMENTS" in ast.unparse(c) for c in calls if ast.unparse(c.func) == "DeclareLaunchArgument")
+    node_calls = [c for c in calls if ast.unparse(c.func) == "Node"]
+    literal_executables = [kw.value.value for c in node_calls for kw in c.keywords
+                           if kw.arg == "executable" and isinstance(kw.value, ast.Constant)]
+    assert set(literal_executables) <= {"rviz2", "robot_state_publisher"}, literal_executables
+
+
+def test_every_parameter_the_spec_sets_is_declared_in_the_node_yaml():
+    graph = _graph()
+    for words in ([], ["sim:=false"]):
+        for node in graph.resolve(graph.parse_arguments(words)):
+            data = yaml.safe_load((CONFIG_DIR / node.params_file).read_text())
+            assert node.name in data, f"{node.params_file} must be keyed by the node name {node.name}"
+            params = data[node.name]["ros__parameters"]
+            missing = set(node.overrides) - set(params)
+            assert not missing, f"{node.name}: overrides {missing} not declared in {node.params_file}"
+
+
+@pytest.mark.parametrize("bad", [["sim"], ["simm:=true"], ["device:=tpu"]])
+def test_bad_launch_arguments_are_refused_with_a_clear_message(bad, ros_env, python):
+    out = subprocess.run([python, "-m", "m2vla_ros.cli", "bringup", "--dry-run", *bad],
+                         env=ros_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "m2vla bringup:" in out.stderr
