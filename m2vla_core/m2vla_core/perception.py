@@ -1,0 +1,96 @@
+"""Perception engine: the frozen backbone + feature cache behind one small object.
+
+The perception ROS node converts messages and calls this; a benchmark or a plain Python
+script can call it the same way. Extraction returns the bundle and its compute time; a cache
+hit costs a lookup, not a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from m2vla_core.features import FeatureBundle, FeatureContract
+
+
+@dataclass(frozen=True)
+class PerceptionConfig:
+    backbone: str = ""  # hub id or local dir; "" = the shipped tiny backbone
+    device: str = "cpu"  # cpu | cuda
+    cache_bytes: int = 64 << 20  # in-process LRU bound [B]; 0 disables the cache
+    stop_at_deepest_layer: bool = True
+    reuse_instruction: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"PerceptionConfig.device must be cpu or cuda[:N], got {self.device!r}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"PerceptionConfig.cache_bytes must be >= 0, got {self.cache_bytes}")
+
+
+class PerceptionEngine:
+    def __init__(self, config: PerceptionConfig) -> None:
+        self.config = config
+        self.backbone = None
+        self.cache = None
+        self.hits = 0
+        self.misses = 0
+
+    def load(self) -> None:
+        from m2vla_core.backbone import FrozenBackbone, default_backbone_path
+        from m2vla_core.backbone.cache import FeatureCache
+
+        source = self.config.backbone or str(default_backbone_path())
+        self.backbone = FrozenBackbone.from_pretrained(source, device=self.config.device)
+        self.cache = FeatureCache(max_bytes=self.config.cache_bytes) if self.config.cache_bytes else None
+
+    @property
+    def backbone_id(self) -> str:
+        return self.backbone.backbone_id if self.backbone is not None else ""
+
+    @property
+    def backbone_digest(self) -> str:
+        return self.backbone.weights_digest if self.backbone is not None else ""
+
+    def check_contract(self, contract: FeatureContract, expected_digest: str = "") -> None:
+        """Raise ValueError when the head's contract cannot be served by this backbone."""
+        if self.backbone is None:
+            return  # checked again at extraction time
+        if contract.deepest_layer > self.backbone.num_layers:
+            raise ValueError(f"head reads layer {contract.deepest_layer} but backbone {self.backbone_id} "
+                             f"has {self.backbone.num_layers} layers")
+        if contract.width != self.backbone.hidden_size:
+            raise ValueError(f"head expects width {contract.width}, backbone {self.backbone_id} has "
+                             f"{self.backbone.hidden_size}")
+        if expected_digest and expected_digest != self.backbone_digest:
+            raise ValueError(f"head was trained on backbone digest {expected_digest[:12]}…, this backbone is "
+                             f"{self.backbone_digest[:12]}…")
+
+    def extract(self, rgb: np.ndarray, instruction: str, contract: FeatureContract) -> tuple[FeatureBundle, float]:
+        """(bundle, compute_ms); compute_ms is 0.0 on a cache hit."""
+        if self.backbone is None:
+            raise RuntimeError("PerceptionEngine.load() has not run")
+        self.check_contract(contract)
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest(), instruction,
+                                 self.backbone_digest, contract)
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.hits += 1
+                return hit, 0.0
+        self.misses += 1
+        t0 = time.perf_counter()
+        bundle = self.backbone.extract(rgb, instruction, contract,
+                                       stop_at_deepest=self.config.stop_at_deepest_layer,
+                                       reuse_instruction=self.config.reuse_instruction)
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        if key is not None:
+            self.cache.put(key, bundle)
+        return bundle, compute_ms
+
+    def stats(self) -> dict[str, int]:
+        return {"cache_hits": self.hits, "cache_misses": self.misses}

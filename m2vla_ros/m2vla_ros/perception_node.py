@@ -1,0 +1,201 @@
+"""Perception node: camera + instruction -> frozen VLM -> /m2vla/features.
+
+Subscriptions only store the newest frame / instruction / contract (newest wins, never
+block); one worker thread runs the backbone when something changed: a new instruction, or a
+new frame once ``refresh_period_s`` has passed. It computes exactly the feature contract the
+policy announced on /m2vla/feature_contract (layers, tokens, dtype) and stops the VLM at the
+deepest layer the head reads. Bad input is refused with a log line and a counter in
+/diagnostics, never a crash.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from m2vla_core.instructions import InstructionError, clean_instruction
+from m2vla_core.perception import PerceptionConfig, PerceptionEngine
+from m2vla_msgs.msg import FeatureContract, LayerFeatures
+from m2vla_ros import qos
+from m2vla_ros.conversions import contract_from_msg, features_to_msg, image_to_rgb
+from m2vla_ros.params import declare_parameters
+
+PARAMETERS = {
+    "backbone": ("", "hub id or local dir of the VLM; empty = shipped tiny Qwen2-VL"),
+    "device": ("cpu", "cpu | cuda"),
+    "image_topic": ("/camera/image_raw", "sensor_msgs/Image topic"),
+    "refresh_period_s": (0.1, "[s] min time between backbone runs on new frames", (0.0, 10.0)),
+    "max_image_age_s": (1.0, "[s] frames older than this are ignored", (0.01, 60.0)),
+    "max_image_pixels": (8294400, "frames with more pixels are refused", (1, 100_000_000)),
+    "max_instruction_bytes": (2048, "longer instructions are refused", (1, 1_000_000)),
+    "cache_bytes": (67108864, "[B] in-process feature cache bound", (0, 1 << 34)),
+    "stop_at_deepest_layer": (True, "run the VLM only up to the deepest layer the head reads"),
+    "reuse_instruction": (True, "reuse the instruction's computation across frames where supported"),
+}
+
+
+@dataclass
+class _Frame:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    stamp: object  # builtin_interfaces/Time
+    frame_id: str
+    received_s: float  # monotonic
+
+
+class PerceptionNode(Node):
+    def __init__(self) -> None:
+        super().__init__("m2vla_perception")
+        self.p = declare_parameters(self, PARAMETERS)
+        self.engine = PerceptionEngine(PerceptionConfig(
+            backbone=self.p["backbone"], device=self.p["device"], cache_bytes=int(self.p["cache_bytes"]),
+            stop_at_deepest_layer=bool(self.p["stop_at_deepest_layer"]),
+            reuse_instruction=bool(self.p["reuse_instruction"]),
+        ))
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._frame: _Frame | None = None
+        self._instruction: tuple[int, str] | None = None  # (instruction_id, text)
+        self._contract = None
+        self._contract_msg: FeatureContract | None = None
+        self._instruction_counter = 0
+        self.counters = {"frames": 0, "frames_rejected": 0, "instructions": 0, "instructions_rejected": 0,
+                         "contracts_rejected": 0, "features_published": 0, "backbone_errors": 0}
+
+        self.features_pub = self.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
+        self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.SENSOR)
+        self.create_subscription(String, "/m2vla/instruction", self._on_instruction, qos.INSTRUCTION)
+        self.create_subscription(FeatureContract, "/m2vla/feature_contract", self._on_contract, qos.LATCHED)
+        self.create_timer(1.0, self._publish_diagnostics)
+
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="backbone-worker", daemon=True)
+        self._worker.start()
+
+    # -- subscriptions: validate, store newest, wake the worker --------------------------------
+    def _on_image(self, msg: Image) -> None:
+        try:
+            rgb = image_to_rgb(msg, max_pixels=int(self.p["max_image_pixels"]))
+        except ValueError as exc:
+            self.counters["frames_rejected"] += 1
+            self.get_logger().warning(f"image refused: {exc}", throttle_duration_sec=2.0)
+            return
+        self.counters["frames"] += 1
+        with self._lock:
+            self._frame = _Frame(rgb, msg.header.stamp, msg.header.frame_id, time.monotonic())
+        self._wake.set()
+
+    def _on_instruction(self, msg: String) -> None:
+        try:
+            text = clean_instruction(msg.data, max_bytes=int(self.p["max_instruction_bytes"]))
+        except InstructionError as exc:
+            self.counters["instructions_rejected"] += 1
+            self.get_logger().warning(f"instruction refused: {exc}", throttle_duration_sec=1.0)
+            return
+        with self._lock:  # every accepted message is a new instruction id; the worker takes the newest
+            self._instruction_counter += 1
+            self._instruction = (self._instruction_counter, text)
+        self.counters["instructions"] += 1
+        self.get_logger().info(f"instruction #{self._instruction_counter}: {text!r}")
+        self._wake.set()
+
+    def _on_contract(self, msg: FeatureContract) -> None:
+        try:
+            contract = contract_from_msg(msg)
+            self.engine.check_contract(contract, msg.backbone_digest)
+        except ValueError as exc:
+            self.counters["contracts_rejected"] += 1
+            self.get_logger().error(f"feature contract refused: {exc}")
+            return
+        with self._lock:
+            self._contract, self._contract_msg = contract, msg
+        self.get_logger().info(f"feature contract: layers {list(contract.layers)}, "
+                               f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}")
+        self._wake.set()
+
+    # -- worker -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine.load()
+            self.get_logger().info(f"backbone ready: {self.engine.backbone_id}")
+        except Exception as exc:  # noqa: BLE001 - a node that cannot load its VLM reports, not crashes
+            self.get_logger().fatal(f"cannot load backbone {self.p['backbone']!r}: {exc}")
+            return
+        last_key = None
+        last_run_s = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(timeout=0.1)
+            self._wake.clear()
+            with self._lock:
+                frame, instruction, contract = self._frame, self._instruction, self._contract
+            if frame is None or instruction is None or contract is None:
+                continue
+            if time.monotonic() - frame.received_s > float(self.p["max_image_age_s"]):
+                continue
+            key = (id(frame), instruction[0], contract)
+            if key == last_key:
+                continue
+            same_instruction = last_key is not None and last_key[1:] == key[1:]
+            wait_s = float(self.p["refresh_period_s"]) - (time.monotonic() - last_run_s)
+            if same_instruction and wait_s > 0:
+                self._stop.wait(wait_s)  # throttle re-runs on new frames; a new instruction goes at once
+                self._wake.set()
+                continue
+            last_key, last_run_s = key, time.monotonic()
+            try:
+                bundle, compute_ms = self.engine.extract(frame.rgb, instruction[1], contract)
+            except Exception as exc:  # noqa: BLE001
+                self.counters["backbone_errors"] += 1
+                self.get_logger().error(f"backbone failed: {exc}", throttle_duration_sec=2.0)
+                continue
+            msg = features_to_msg(bundle, stamp=frame.stamp, frame_id=frame.frame_id,
+                                  instruction_id=instruction[0], backbone_digest=self.engine.backbone_digest,
+                                  compute_ms=compute_ms)
+            self.features_pub.publish(msg)
+            self.counters["features_published"] += 1
+
+    def _publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name="m2vla_perception", hardware_id=self.engine.backbone_id or "",
+                                  level=DiagnosticStatus.OK, message="ok")
+        rejected = self.counters["frames_rejected"] + self.counters["instructions_rejected"]
+        if self.counters["backbone_errors"] or rejected:
+            status.level, status.message = DiagnosticStatus.WARN, f"{rejected} inputs refused"
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in {**self.counters, **self.engine.stats()}.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+    def destroy_node(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = PerceptionNode()
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
