@@ -31,7 +31,7 @@ ARGUMENTS: tuple[Argument, ...] = (
     Argument("rviz", "true", "Start rviz2 with m2vla's config (only where rviz2 is installed).", ("true", "false")),
     Argument("device", "cpu", "Where the backbone and the head run.", ("cpu", "cuda")),
     Argument("backend", "onnxruntime", "Head runtime.", ("onnxruntime", "torch")),
-    Argument("task", "pick_place", "Initial sim task (sim:=true only)."),
+    Argument("task", "reach_above", "Initial sim task (sim:=true only)."),
     Argument("controller_topic", "/joint_trajectory_controller/joint_trajectory",
              "ros2_control JointTrajectory topic of the real arm (sim:=false only)."),
 )

@@ -191,6 +191,9 @@ def main(args: list[str] | None = None) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:
+        if rclpy.ok():  # rclpy raises RuntimeError from a wait set torn down by a signal: not an error
+            raise
     finally:
         if node is not None:
             node.destroy_node()

@@ -53,6 +53,7 @@ class PolicyNode(Node):
         self._estop = False
         self._stopped_instruction = -1  # instruction id stopped via ~/stop; a newer one resumes
         self._sequence_id = 0
+        self._perception_digest = ""  # backbone weights digest seen on /m2vla/features
         self.status = PolicyStatus(state=PolicyStatus.STATE_ERROR, message="no policy loaded")
 
         self.chunk_pub = self.create_publisher(ActionChunk, "/m2vla/action_chunk", qos.CHUNKS)
@@ -73,7 +74,8 @@ class PolicyNode(Node):
     # -- loading ------------------------------------------------------------------------------
     def _load(self, checkpoint: str, backend: str) -> tuple[bool, int, str]:
         try:
-            self.engine.load(checkpoint, backend=backend or "onnxruntime", device=self.p["device"])
+            self.engine.load(checkpoint, backend=backend or "onnxruntime", device=self.p["device"],
+                             expected_backbone_digest=self._perception_digest)
         except PolicyLoadError as exc:
             self.get_logger().error(f"policy {checkpoint or '<embedded>'} refused: {exc}")
             if not self.engine.loaded:
@@ -85,7 +87,7 @@ class PolicyNode(Node):
         self.contract_pub.publish(contract_to_msg(self.engine, self.get_clock().now().to_msg()))
         self._set_state(PolicyStatus.STATE_IDLE, "policy loaded; waiting for an instruction")
         self.get_logger().info(f"policy loaded: {self.engine.checkpoint} ({self.engine.backend})")
-        return True, LoadPolicy.Response.OK, f"loaded {self.engine.checkpoint} with {self.engine.backend}"
+        return True, LoadPolicy.Request.OK, f"loaded {self.engine.checkpoint} with {self.engine.backend}"
 
     def _on_load_policy(self, request: LoadPolicy.Request, response: LoadPolicy.Response) -> LoadPolicy.Response:
         response.success, response.error_code, response.message = self._load(request.checkpoint, request.backend)
@@ -99,7 +101,13 @@ class PolicyNode(Node):
             self.status.inputs_rejected += 1
             self.get_logger().warning(f"features refused: {exc}", throttle_duration_sec=2.0)
             return
+        if self.engine.backbone_digest and msg.backbone_digest and msg.backbone_digest != self.engine.backbone_digest:
+            self.status.inputs_rejected += 1
+            self.get_logger().warning("features refused: computed by another backbone than the head was trained on",
+                                      throttle_duration_sec=2.0)
+            return
         with self._lock:
+            self._perception_digest = str(msg.backbone_digest)
             self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
 
     def _on_joint_state(self, msg: JointState) -> None:
@@ -122,8 +130,9 @@ class PolicyNode(Node):
     def _on_reset(self, _request: Reset.Request, response: Reset.Response) -> Reset.Response:
         with self._lock:
             self._features, self._joints = None, None
+        self.engine.reset()
         self._set_state(PolicyStatus.STATE_IDLE, "reset")
-        response.success, response.error_code, response.message = True, Reset.Response.OK, "policy state cleared"
+        response.success, response.error_code, response.message = True, Reset.Request.OK, "policy state cleared"
         return response
 
     def _on_stop(self, request: Stop.Request, response: Stop.Response) -> Stop.Response:
@@ -156,7 +165,7 @@ class PolicyNode(Node):
             return self._set_state(PolicyStatus.STATE_WAITING, "joint state missing or stale")
         try:
             t0 = time.perf_counter()
-            chunk = self.engine.infer(hidden, mask, joints[0])  # (H, A)
+            chunk = self.engine.infer(hidden, mask, joints[0], instruction_id)  # (H, A) or None
             self.status.inference_ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:  # noqa: BLE001 - a bad step is refused, never a crash
             self.status.inputs_rejected += 1
@@ -215,6 +224,9 @@ def main(args: list[str] | None = None) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:
+        if rclpy.ok():  # rclpy raises RuntimeError from a wait set torn down by a signal: not an error
+            raise
     finally:
         if node is not None:
             node.destroy_node()

@@ -49,7 +49,10 @@ def test_launch_file_declares_every_argument_and_builds_nodes_only_from_the_spec
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     called = {ast.unparse(c.func) for c in calls}
     assert "graph.resolve" in called, "the launch file must take its nodes from graph.resolve"
-    assert any("graph.ARGUMENTS" in ast.unparse(c) for c in calls if ast.unparse(c.func) == "DeclareLaunchArgument")
+    comprehensions = [n for n in ast.walk(tree) if isinstance(n, (ast.ListComp, ast.GeneratorExp))]
+    assert any(ast.unparse(comp.generators[0].iter) == "graph.ARGUMENTS" and isinstance(comp.elt, ast.Call)
+               and ast.unparse(comp.elt.func) == "DeclareLaunchArgument" for comp in comprehensions), \
+        "every launch argument must be declared from graph.ARGUMENTS"
     node_calls = [c for c in calls if ast.unparse(c.func) == "Node"]
     literal_executables = [kw.value.value for c in node_calls for kw in c.keywords
                            if kw.arg == "executable" and isinstance(kw.value, ast.Constant)]

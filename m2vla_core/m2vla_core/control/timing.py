@@ -1,0 +1,37 @@
+"""Command-stream timing statistics: measured rate, period error percentiles, ticks on time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PeriodMonitor:
+    """Collects tick times (monotonic s) over a window; ``summary()`` reports and starts a new window."""
+
+    def __init__(self, nominal_period_s: float, on_time_tolerance_s: float = 1e-3, max_ticks: int = 100_000) -> None:
+        self.nominal_period_s = float(nominal_period_s)
+        self.tolerance_s = float(on_time_tolerance_s)
+        self._max = int(max_ticks)
+        self._ticks: list[float] = []
+        self._last: float | None = None
+
+    def tick(self, now_s: float) -> None:
+        if len(self._ticks) < self._max:
+            self._ticks.append(now_s)
+
+    def summary(self) -> dict[str, float]:
+        ticks = np.asarray(self._ticks, dtype=np.float64)
+        if self._last is not None:
+            ticks = np.concatenate([[self._last], ticks])
+        self._last = float(ticks[-1]) if ticks.size else self._last
+        self._ticks = []
+        if ticks.size < 2:
+            return {"rate_hz": 0.0, "period_error_p99_ms": 0.0, "on_time_fraction": 0.0, "ticks": float(max(0, ticks.size - 1))}
+        periods = np.diff(ticks)  # (N-1,)
+        errors = np.abs(periods - self.nominal_period_s)
+        return {
+            "rate_hz": float(periods.size / (ticks[-1] - ticks[0])) if ticks[-1] > ticks[0] else 0.0,
+            "period_error_p99_ms": float(np.percentile(errors, 99) * 1e3),
+            "on_time_fraction": float(np.mean(errors <= self.tolerance_s)),
+            "ticks": float(periods.size),
+        }

@@ -1,0 +1,172 @@
+"""Head checkpoints: a directory with ``config.json`` + ``model.safetensors``.
+
+Weights, normalisation statistics and the MSM skill memory all live in model.safetensors.
+Loading never unpickles anything: it reads the JSON config strictly (unknown keys refused),
+checks every weights file by its magic bytes and its safetensors header (pickle / zip torch
+files and truncated files are refused before any tensor is read), then checks keys and shapes
+against the model the config describes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from m2vla_core.config_io import ConfigError, load_json, save_json
+from m2vla_core.heads.configuration_head import HeadConfig
+from m2vla_core.heads.policy_head import NORM_KEYS, PolicyHead
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar")
+HEADER_LIMIT = 100 << 20  # a safetensors JSON header larger than this is not one of ours
+
+
+class CheckpointError(ValueError):
+    """A head checkpoint is missing, unsafe, damaged or does not fit this code / backbone."""
+
+
+def sniff_weights_format(path: Path) -> str:
+    """"safetensors" | "pickle" | "torch-zip" | "numpy" | "unknown" from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:6] == b"\x93NUMPY":
+        return "numpy"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < HEADER_LIMIT and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def check_safetensors_file(path: Path) -> dict:
+    """Validate format and completeness of a safetensors file without reading tensors; -> header."""
+    kind = sniff_weights_format(path)
+    if kind != "safetensors":
+        hint = " (a pickled torch/pickle file: refused, never unpickled; re-save it as safetensors)" \
+            if kind in ("pickle", "torch-zip") else ""
+        raise CheckpointError(f"{path}: not a safetensors file, looks like {kind}{hint}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: damaged safetensors header ({exc})") from exc
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(f"{path}: truncated or padded safetensors file ({size} bytes, header describes {expected})")
+    return header
+
+
+def refuse_pickles(directory: Path) -> None:
+    for p in sorted(directory.iterdir()):
+        if p.is_file() and (p.suffix.lower() in PICKLE_SUFFIXES or
+                            (p.suffix.lower() not in (".json", ".onnx", ".png", ".md", ".txt", ".csv")
+                             and sniff_weights_format(p) in ("pickle", "torch-zip"))):
+            raise CheckpointError(f"{p}: pickle-format weights are refused (never unpickled); "
+                                  f"a head checkpoint holds only {CONFIG_NAME} + {WEIGHTS_NAME}")
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared read-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_head(head: PolicyHead, directory: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors (atomically) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not bool(head.normalizer.fitted):
+        raise CheckpointError("refusing to save a head without normalisation statistics (call normalizer.set_stats)")
+    if head.uses_memory and head.action_head.memory.size == 0:
+        raise CheckpointError("refusing to save an MSM head with an empty skill memory (call build_memory)")
+    atomic_save_safetensors(head.state_dict(), directory / WEIGHTS_NAME, {"format": "m2vla-head", "version": "1"})
+    tmp = directory / (CONFIG_NAME + ".tmp")
+    save_json(head.config, tmp)
+    os.replace(tmp, directory / CONFIG_NAME)
+    return directory
+
+
+def load_head_config(directory: str | os.PathLike) -> HeadConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; not a head checkpoint directory")
+    try:
+        return load_json(HeadConfig, path)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def check_backbone(config: HeadConfig, backbone_id: str, weights_digest: str) -> None:
+    """Refuse a head trained on another backbone (id or weights digest differ)."""
+    if config.backbone_id != backbone_id or config.backbone_digest != weights_digest:
+        raise CheckpointError(f"head was trained on backbone {config.backbone_id!r} (weights {config.backbone_digest[:12] or '?'}), "
+                              f"refusing to run it on {backbone_id!r} (weights {weights_digest[:12] or '?'})")
+
+
+def load_head(directory: str | os.PathLike, *, backbone: tuple[str, str] | None = None,
+              device: str | torch.device = "cpu") -> PolicyHead:
+    """Load a checkpoint safely; ``backbone=(id, weights_digest)`` also checks the backbone identity."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: head checkpoint directory not found")
+    refuse_pickles(directory)
+    config = load_head_config(directory)
+    if backbone is not None:
+        check_backbone(config, *backbone)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
+    check_safetensors_file(weights)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable safetensors ({exc})") from exc
+    head = PolicyHead(config)
+    missing_norm = [k for k in NORM_KEYS if k not in state]
+    if missing_norm:
+        raise CheckpointError(f"{weights}: missing normalisation stats {missing_norm}; retrain or re-save with statistics")
+    if float(state["normalizer.fitted"]) != 1.0:
+        raise CheckpointError(f"{weights}: normalisation stats were never fitted")
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match config.json (missing {missing[:8]}, unexpected {unexpected[:8]})")
+    memory_prefix = "action_head.memory."
+    for key, tensor in state.items():
+        want = tuple(expected[key].shape)
+        got = tuple(tensor.shape)
+        if key.startswith(memory_prefix):  # memory entry count is data-dependent, bounded by capacity
+            ok = got[1:] == want[1:] and got[0] <= config.arch.msm.memory_size
+        else:
+            ok = got == want
+        if not ok:
+            raise CheckpointError(f"{weights}: tensor {key!r} has shape {got}, config.json implies {want}")
+    head.load_state_dict(state)
+    if head.uses_memory and head.action_head.memory.size < config.arch.msm.top_k:
+        raise CheckpointError(f"{weights}: skill memory has {head.action_head.memory.size} entries < top_k={config.arch.msm.top_k}")
+    return head.to(device).eval()

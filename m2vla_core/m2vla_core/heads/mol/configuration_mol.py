@@ -1,0 +1,38 @@
+"""Configuration of the Mixture of Layers (MoL): how the VLM's per-layer hidden states are mixed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIX_MODES = ("last", "fixed", "uniform", "scalar", "router")
+
+
+@dataclass
+class MoLConfig:
+    # last: only the deepest listed layer; fixed: one given layer; uniform: plain average;
+    # scalar: static learned softmax mix; router: input-conditioned softmax (optionally top-k).
+    mix: str = "router"
+    fixed_layer: int = -1  # hidden-state index read by mix="fixed"; -1 = the middle listed layer
+    top_k: int = 0  # router only: read just the k best layers per sample; 0 = dense softmax
+    router_layer: int = -1  # hidden-state index the router pools; -1 = the shallowest listed layer
+    router_hidden: int = 64
+    num_queries: int = 8  # learned queries -> compact latent (B, num_queries, d_model)
+    num_heads: int = 4
+    eps: float = 1e-6  # RMS norm epsilon
+
+    def __post_init__(self) -> None:
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"MoLConfig.mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.top_k < 0:
+            raise ValueError(f"MoLConfig.top_k must be >= 0, got {self.top_k}")
+        if self.top_k and self.mix != "router":
+            raise ValueError(f"MoLConfig.top_k={self.top_k} needs mix='router', got mix={self.mix!r}")
+        if self.fixed_layer < -1:
+            raise ValueError(f"MoLConfig.fixed_layer must be a hidden-state index or -1, got {self.fixed_layer}")
+        if self.router_layer < -1:
+            raise ValueError(f"MoLConfig.router_layer must be a hidden-state index or -1, got {self.router_layer}")
+        for name in ("router_hidden", "num_queries", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"MoLConfig.eps must be > 0, got {self.eps}")

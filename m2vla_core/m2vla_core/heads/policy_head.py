@@ -1,0 +1,156 @@
+"""PolicyHead: features (B, L, T, D) + mask (B, T) + state (B, S) -> action chunk (B, H, A).
+
+MoL -> latent -> action head ("mlp" | "msm" | "skills"). Normalisation lives inside the
+module (buffers saved in model.safetensors), so ``forward`` takes and returns physical units
+and the exported ONNX graph needs no side files; training uses ``forward_normalized``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from m2vla_core.heads.configuration_head import HeadConfig
+from m2vla_core.heads.layers import mlp
+from m2vla_core.heads.mol.modeling_mol import MixtureOfLayers
+from m2vla_core.heads.msm.modeling_msm import MetaSkillModule, memory_key, subsample_indices
+from m2vla_core.heads.skills.modeling_skills import SmoothSkillDecoder
+
+NORM_KEYS = ("normalizer.state_mean", "normalizer.state_std", "normalizer.action_mean",
+             "normalizer.action_std", "normalizer.fitted")
+STD_FLOOR = 1e-6  # a (near-)constant dimension is passed through with std 1 instead of blown up
+
+
+class ContractError(ValueError):
+    """Inputs do not match the head's feature contract / state / action shapes."""
+
+
+class Normalizer(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("state_mean", torch.zeros(state_dim))
+        self.register_buffer("state_std", torch.ones(state_dim))
+        self.register_buffer("action_mean", torch.zeros(action_dim))
+        self.register_buffer("action_std", torch.ones(action_dim))
+        self.register_buffer("fitted", torch.zeros(()))  # 1 once real statistics were set
+
+    def set_stats(self, state_mean: Any, state_std: Any, action_mean: Any, action_std: Any) -> None:
+        values = {"state_mean": state_mean, "state_std": state_std, "action_mean": action_mean, "action_std": action_std}
+        for name, value in values.items():
+            t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+            if t.shape != getattr(self, name).shape or not torch.isfinite(t).all():
+                raise ValueError(f"normalisation {name}: expected finite {tuple(getattr(self, name).shape)}, got {tuple(t.shape)}")
+            if name.endswith("std"):
+                t = torch.where(t < STD_FLOOR, torch.ones_like(t), t)
+            getattr(self, name).copy_(t)
+        self.fitted.fill_(1.0)
+
+    def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
+        return (state - self.state_mean) / self.state_std
+
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        return (action - self.action_mean) / self.action_std
+
+    def denormalize_action(self, action_n: torch.Tensor) -> torch.Tensor:
+        return action_n * self.action_std + self.action_mean
+
+
+class PolicyHead(nn.Module):
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        arch, contract = config.arch, config.contract
+        d, s, h, a = arch.d_model, config.state_dim, config.chunk_len, config.action_dim
+        self.normalizer = Normalizer(s, a)
+        self.mol = MixtureOfLayers(arch.mol, contract, s, d,
+                                   fixed_pos=config.layer_position(arch.mol.fixed_layer, "middle"),
+                                   router_pos=config.layer_position(arch.mol.router_layer, "first"))
+        self.key_pos = config.layer_position(arch.msm.key_layer, "last")
+        latent_dim = arch.mol.num_queries * d
+        if arch.action_head == "mlp":
+            self.action_head = mlp(latent_dim + s, arch.mlp.hidden, h * a, num_layers=arch.mlp.num_layers + 1)
+        elif arch.action_head == "skills":
+            self.action_head = SmoothSkillDecoder(arch.skills, d_in=latent_dim + s, chunk_len=h, action_dim=a)
+        else:
+            self.action_head = MetaSkillModule(arch.msm, d_model=d, state_dim=s, chunk_len=h, action_dim=a,
+                                               key_dim=contract.width + s)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def check_inputs(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> None:
+        """Raise ContractError naming the mismatch (batched inputs)."""
+        cfg = self.config
+        want = cfg.contract.shape
+        if features.dim() != 4 or tuple(features.shape[1:]) != want:
+            raise ContractError(f"features shaped {tuple(features.shape)}, head expects (B, n_layers, T, D) = (B, {want[0]}, "
+                                f"{want[1]}, {want[2]}) for layers {cfg.contract.layers}")
+        if mask.dim() != 2 or tuple(mask.shape) != (features.shape[0], want[1]):
+            raise ContractError(f"mask shaped {tuple(mask.shape)}, head expects (B, T) = ({features.shape[0]}, {want[1]})")
+        if mask.dtype != torch.bool:
+            raise ContractError(f"mask dtype {mask.dtype}, head expects torch.bool")
+        if state.dim() != 2 or tuple(state.shape) != (features.shape[0], cfg.state_dim):
+            raise ContractError(f"state shaped {tuple(state.shape)}, head expects (B, S) = ({features.shape[0]}, {cfg.state_dim})")
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward_normalized(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
+                           exclude_episode: torch.Tensor | None = None) -> torch.Tensor:
+        """Chunk in normalised units (B, H, A); ``exclude_episode`` (B,) is for MSM training only."""
+        self.check_inputs(features, mask, state)
+        state_n = self.normalizer.normalize_state(state)
+        latent, _ = self.mol(features, mask, state_n)  # (B, Q, d)
+        if isinstance(self.action_head, MetaSkillModule):
+            key = self.retrieval_key(features, mask, state_n)
+            return self.action_head(latent, state_n, key, exclude_episode)
+        h = torch.cat([latent.flatten(1), state_n], dim=-1)  # (B, Q * d + S)
+        out = self.action_head(h)
+        if isinstance(self.action_head, SmoothSkillDecoder):
+            return out
+        return out.unflatten(-1, (self.config.chunk_len, self.config.action_dim))  # (B, H, A)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Action chunk (B, H, A) in the action space's units."""
+        return self.normalizer.denormalize_action(self.forward_normalized(features, mask, state))
+
+    @torch.no_grad()
+    def layer_weights(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """MoL weights (B, n_layers) over ``config.contract.layers``; rows sum to 1."""
+        self.check_inputs(features, mask, state)
+        return self.mol.layer_weights(features, mask, self.normalizer.normalize_state(state))
+
+    # -- memory ---------------------------------------------------------------------------------
+    def retrieval_key(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor) -> torch.Tensor:
+        return memory_key(features, mask, state_n, key_pos=self.key_pos,
+                          state_weight=self.config.arch.msm.key_state_weight, eps=self.config.arch.mol.eps)
+
+    @property
+    def uses_memory(self) -> bool:
+        return isinstance(self.action_head, MetaSkillModule)
+
+    @torch.no_grad()
+    def build_memory(self, dataset, indices: np.ndarray | None = None, batch_size: int = 512) -> int:
+        """Fill the skill memory from ``dataset`` (``episode_index`` array + ``batch(idx)`` dict of
+        tensors, e.g. ``FeatureDataset``), restricted to ``indices``; needs normalisation stats.
+        Returns the number of entries kept (at most ``arch.msm.memory_size``)."""
+        if not self.uses_memory:
+            raise RuntimeError(f"action head {self.config.arch.action_head!r} has no skill memory")
+        if not bool(self.normalizer.fitted):
+            raise RuntimeError("set normalisation statistics before build_memory (keys use the normalised state)")
+        indices = np.arange(len(dataset.episode_index)) if indices is None else np.asarray(indices)
+        episodes = np.asarray(dataset.episode_index)[indices]
+        picked = indices[subsample_indices(episodes, self.config.arch.msm.memory_size)]
+        if len(picked) < self.config.arch.msm.top_k:
+            raise ValueError(f"build_memory: {len(picked)} samples, fewer than msm.top_k={self.config.arch.msm.top_k}")
+        keys, values, eps = [], [], []
+        for start in range(0, len(picked), batch_size):
+            b = dataset.batch(picked[start:start + batch_size])
+            state_n = self.normalizer.normalize_state(b["state"])
+            keys.append(self.retrieval_key(b["hidden"], b["mask"], state_n))
+            values.append(self.normalizer.normalize_action(b["actions"]))
+            eps.append(b["episode_index"])
+        self.action_head.memory.set(torch.cat(keys), torch.cat(values), torch.cat(eps))
+        return len(picked)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,328 @@
+"""Scripted experts: privileged (they read object poses from the simulator), IK-based.
+
+Each expert turns the episode into a list of Cartesian waypoints for the grasp point (position,
+gripper yaw, gripper opening, speed, hold time). ``act`` moves a Cartesian set-point toward the
+current waypoint at a bounded speed, solves inverse kinematics for it
+(``pybullet.calculateInverseKinematics`` with null-space limits and a rest pose, so the elbow
+stays up), and returns the (8,) joint-position target for the next control period.
+The gripper points straight down; yaw is chosen modulo 90 deg to match the cube's faces.
+
+Closed-loop corrections where they matter: the place waypoints are recomputed from the held
+cube's current offset in the hand, so a cube that slipped on grasp still lands on target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from m2vla_core.sim.scene import CUBE_SIZE_M, GRIPPER_MAX_OPENING_M, HOME_ARM_Q
+from m2vla_core.sim.tasks import EpisodeSpec
+
+OPEN_M = GRIPPER_MAX_OPENING_M
+CLOSED_M = 0.0
+SAFE_Z_M = 0.16  # carry height of the grasp point
+FREE_SPEED_M_S = 0.30
+NEAR_SPEED_M_S = 0.12
+PUSH_SPEED_M_S = 0.08
+MAX_YAW_RATE_RAD_S = 3.0
+MAX_ACCEL_M_S2 = 1.2  # set-point acceleration limit: smooth starts and stops, no swinging cube
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """``noise_std_rad``: std of Gaussian noise the *recorder* adds to executed arm targets
+    (DART-style recovery data: labels stay the clean expert actions)."""
+
+    noise_std_rad: float = 0.0
+    max_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise_std_rad <= 0.2:
+            raise ValueError(f"ExpertConfig.noise_std_rad must be in [0, 0.2] rad, got {self.noise_std_rad}")
+        if self.max_steps < 1:
+            raise ValueError(f"ExpertConfig.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class Waypoint:
+    pos: np.ndarray | None  # (3,) grasp-point target [m]; None = computed by ``update`` when reached
+    yaw: float
+    opening_m: float
+    speed_m_s: float = FREE_SPEED_M_S
+    hold_steps: int = 0  # control steps to wait after arriving (e.g. while the fingers close)
+    tol_m: float = 0.012  # actual grasp point must be this close before moving on (or timeout)
+    update: object = None  # optional callable(env) -> (3,) pos, re-evaluated every step
+    name: str = ""
+    precise: bool = False  # contact-rich phase (grasp, place, push): the recorder adds no noise here
+
+
+def _grasp_yaw(cube_yaw: float) -> float:
+    """Gripper yaw in [-pi/4, pi/4) whose fingers close on a pair of the cube's faces."""
+    return float((cube_yaw + math.pi / 4) % (math.pi / 2) - math.pi / 4)
+
+
+def _wrap_pi(angle: float) -> float:
+    return float((angle + math.pi) % (2 * math.pi) - math.pi)
+
+
+@dataclass
+class ScriptedExpert:
+    """Waypoint follower for one episode of ``env``; build with ``make_expert(env)`` after reset."""
+
+    env: object
+    waypoints: list[Waypoint]
+    config: ExpertConfig = field(default_factory=ExpertConfig)
+
+    def __post_init__(self) -> None:
+        self._index = 0
+        self._setpoint = self.env.scene.ee_pose()[:3].copy()
+        self._yaw = 0.0
+        self._held = 0
+        self._waited = 0
+        self._steps = 0
+        self._speed = 0.0
+        sc = self.env.scene
+        self._lower = list(sc.joint_lower[:7]) + [0.0, 0.0]
+        self._upper = list(sc.joint_upper[:7]) + [0.04, 0.04]
+        self._ranges = [u - l for l, u in zip(self._lower, self._upper)]
+        self._rest = list(HOME_ARM_Q) + [0.04, 0.04]
+
+    @property
+    def noise_allowed(self) -> bool:
+        """False during precise phases, where perturbations would only produce failed demos."""
+        wp = self.waypoints[min(self._index, len(self.waypoints) - 1)]
+        return not wp.precise
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self.waypoints) or self._steps >= self.config.max_steps
+
+    def reset(self) -> None:
+        """Agent protocol: the plan is built per episode by make_expert, nothing to clear."""
+
+    def act(self, observation=None) -> np.ndarray:
+        """Next (8,) joint-position target (7 arm angles [rad] + gripper opening [m])."""
+        self._steps += 1
+        dt = self.env.config.control_dt_s
+        wp = self.waypoints[min(self._index, len(self.waypoints) - 1)]
+        goal = np.asarray(wp.update(self.env) if wp.update is not None else wp.pos, dtype=np.float64)
+        delta = goal - self._setpoint
+        dist = float(np.linalg.norm(delta))
+        # Trapezoidal profile: accelerate at most MAX_ACCEL, and brake in time to stop at the goal.
+        self._speed = min(wp.speed_m_s, self._speed + MAX_ACCEL_M_S2 * dt, math.sqrt(2 * MAX_ACCEL_M_S2 * dist))
+        step = max(self._speed * dt, 1e-4)
+        self._setpoint = goal.copy() if dist <= step else self._setpoint + delta / dist * step
+        dyaw = _wrap_pi(wp.yaw - self._yaw)
+        self._yaw += float(np.clip(dyaw, -MAX_YAW_RATE_RAD_S * dt, MAX_YAW_RATE_RAD_S * dt))
+        if self._index < len(self.waypoints) and dist <= step and abs(_wrap_pi(wp.yaw - self._yaw)) < 1e-6:
+            actual = self.env.scene.ee_pose()[:3]
+            self._waited += 1
+            if np.linalg.norm(actual - goal) <= wp.tol_m or self._waited > 10:
+                self._held += 1
+                if self._held > wp.hold_steps:
+                    self._index += 1
+                    self._held = 0
+                    self._waited = 0
+        return np.array([*self._ik(self._setpoint, self._yaw), wp.opening_m])
+
+    def _ik(self, pos: np.ndarray, yaw: float) -> np.ndarray:
+        sc = self.env.scene
+        p = sc.p
+        orn = p.getQuaternionFromEuler((math.pi, 0.0, yaw))
+        q = p.calculateInverseKinematics(sc.robot, sc.ee_link, pos.tolist(), orn, lowerLimits=self._lower,
+                                         upperLimits=self._upper, jointRanges=self._ranges, restPoses=self._rest,
+                                         maxNumIterations=100, residualThreshold=1e-5, physicsClientId=sc.client)
+        return np.asarray(q[:7], dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------- plans
+def _pick(env, spec: EpisodeSpec) -> tuple[list[Waypoint], float]:
+    pos, orn = env.scene.cube_pose(spec.cube)
+    yaw = _grasp_yaw(env.scene.p.getEulerFromQuaternion(orn)[2])
+    grasp = pos + np.array([0.0, 0.0, -0.002])
+    above = np.array([pos[0], pos[1], SAFE_Z_M])
+    return [
+        Waypoint(above, yaw, OPEN_M, name="above cube"),
+        Waypoint(np.array([pos[0], pos[1], pos[2] + 0.06]), yaw, OPEN_M, speed_m_s=NEAR_SPEED_M_S, name="pre-grasp"),
+        Waypoint(grasp, yaw, OPEN_M, speed_m_s=NEAR_SPEED_M_S, tol_m=0.008, name="grasp",
+                 precise=True),
+        Waypoint(grasp, yaw, CLOSED_M, hold_steps=4, tol_m=1.0, name="close", precise=True),
+        Waypoint(above, yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S * 1.5, tol_m=0.02, name="lift"),
+    ], yaw
+
+
+def _place_over(env, spec: EpisodeSpec, target_xy, release_z: float, yaw: float, align_yaw: float | None = None
+                ) -> list[Waypoint]:
+    """Carry the held cube over target_xy, lower it to release_z (cube centre), open, retreat."""
+
+    def hand_for_cube(z: float):
+        estimate: list[np.ndarray] = []  # low-pass estimate of where the cube sits in the hand
+
+        def update(e):
+            cube, _ = e.scene.cube_pose(spec.cube)
+            offset = cube - e.scene.ee_pose()[:3]
+            if np.linalg.norm(offset[:2]) > 0.03:  # not held properly: aim the hand itself
+                offset = np.zeros(3)
+            # Filtered, so the hand follows a cube that slipped but not every swing in the fingers.
+            estimate[:] = [offset if not estimate else 0.7 * estimate[0] + 0.3 * offset]
+            return np.array([target_xy[0] - estimate[0][0], target_xy[1] - estimate[0][1], z - estimate[0][2]])
+        return update
+
+    place_yaw = yaw if align_yaw is None else align_yaw
+    carry = np.array([target_xy[0], target_xy[1], SAFE_Z_M])
+    return [
+        Waypoint(carry, place_yaw, CLOSED_M, tol_m=0.02, name="carry"),
+        Waypoint(None, place_yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S, tol_m=0.006, update=hand_for_cube(release_z),
+                 name="lower", precise=True),
+        Waypoint(None, place_yaw, OPEN_M, hold_steps=3, tol_m=1.0, update=lambda e: e.scene.ee_pose()[:3].copy(),
+                 name="release", precise=True),
+        Waypoint(None, place_yaw, OPEN_M, speed_m_s=NEAR_SPEED_M_S / 2, tol_m=0.01, precise=True,
+                 update=_lift_off(), name="lift off"),
+        Waypoint(np.array([target_xy[0], target_xy[1], SAFE_Z_M]), place_yaw, OPEN_M, speed_m_s=NEAR_SPEED_M_S,
+                 tol_m=0.03, name="retreat"),
+    ]
+
+
+def _lift_off():
+    """Straight up 4 cm from where the hand opened (fingers clear the cube without dragging it)."""
+    start: list[np.ndarray] = []
+
+    def update(e):
+        if not start:
+            start.append(e.scene.ee_pose()[:3] + np.array([0.0, 0.0, 0.04]))
+        return start[0]
+    return update
+
+
+def _plan_reach(env, spec):
+    pos, orn = env.scene.cube_pose(spec.cube)
+    yaw = _grasp_yaw(env.scene.p.getEulerFromQuaternion(orn)[2])
+    hover = np.array([pos[0], pos[1], pos[2] + 0.06])
+    return [Waypoint(np.array([pos[0], pos[1], SAFE_Z_M]), yaw, OPEN_M, name="above"),
+            Waypoint(hover, yaw, OPEN_M, speed_m_s=NEAR_SPEED_M_S, hold_steps=3, tol_m=0.006, name="hover",
+                     precise=True)]
+
+
+def _plan_push(env, spec):
+    cube, _ = env.scene.cube_pose(spec.cube)
+    zone = np.array(spec.layout.target("zone", spec.target).xy_m)
+    d = zone - cube[:2]
+    d /= np.linalg.norm(d)
+    yaw = _wrap_pi(math.atan2(d[1], d[0]))
+    yaw = yaw - math.pi if yaw > math.pi / 2 else (yaw + math.pi if yaw < -math.pi / 2 else yaw)
+    z = CUBE_SIZE_M / 2 + 0.002
+    back = CUBE_SIZE_M / 2 + 0.012  # cube centre to the finger surface
+    start = cube[:2] - d * (back + 0.04)
+    end = zone - d * (back - 0.005)  # a little past the centre: the cube lags the fingers slightly
+    return [
+        Waypoint(np.array([*start, SAFE_Z_M]), yaw, CLOSED_M, name="above start"),
+        Waypoint(np.array([*start, z]), yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S, tol_m=0.008, name="down",
+                 precise=True),
+        Waypoint(np.array([*end, z]), yaw, CLOSED_M, speed_m_s=PUSH_SPEED_M_S, tol_m=0.01, name="push",
+                 precise=True),
+        Waypoint(np.array([*(end - d * 0.04), z]), yaw, CLOSED_M, speed_m_s=PUSH_SPEED_M_S, tol_m=0.015,
+                 name="back off"),
+        Waypoint(np.array([*(end - d * 0.04), SAFE_Z_M - 0.04]), yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S,
+                 tol_m=0.03, name="up"),
+    ]
+
+
+def _plan_lift(env, spec):
+    wps, yaw = _pick(env, spec)
+    pos, _ = env.scene.cube_pose(spec.cube)
+    wps.append(Waypoint(np.array([pos[0], pos[1], SAFE_Z_M + 0.02]), yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S,
+                        hold_steps=2, tol_m=0.02, name="hold up"))
+    return wps
+
+
+def _plan_place_zone(env, spec):
+    wps, yaw = _pick(env, spec)
+    zone = spec.layout.target("zone", spec.target).xy_m
+    return wps + _place_over(env, spec, zone, CUBE_SIZE_M / 2 + 0.006, yaw)
+
+
+def _plan_tray(env, spec):
+    wps, yaw = _pick(env, spec)
+    tray = spec.layout.target("tray", spec.target).xy_m
+    return wps + _place_over(env, spec, tray, 0.065, yaw)
+
+
+def _plan_stack(env, spec):
+    wps, yaw = _pick(env, spec)
+    base, base_orn = env.scene.cube_pose(spec.target)
+    _, top_orn = env.scene.cube_pose(spec.cube)
+    p = env.scene.p
+    # Turn the hand so the held cube's faces line up with the base cube's.
+    turn = _grasp_yaw(p.getEulerFromQuaternion(base_orn)[2] - p.getEulerFromQuaternion(top_orn)[2])
+    release_z = base[2] + CUBE_SIZE_M + 0.004
+    return wps + _place_over(env, spec, base[:2], release_z, yaw, align_yaw=yaw + turn)
+
+
+PLANNERS = {
+    "reach_above": _plan_reach,
+    "push_to_zone": _plan_push,
+    "pick_lift": _plan_lift,
+    "place_on_zone": _plan_place_zone,
+    "stack": _plan_stack,
+    "put_in_tray": _plan_tray,
+}
+
+
+def make_expert(env, config: ExpertConfig | None = None) -> ScriptedExpert:
+    """Expert for the episode ``env`` was last reset to (plans from the current object poses)."""
+    if env.spec is None:
+        raise RuntimeError("reset the env before making an expert")
+    planner = PLANNERS.get(env.spec.task)
+    if planner is None:
+        raise KeyError(f"no scripted expert for task {env.spec.task!r}")
+    return ScriptedExpert(env, planner(env, env.spec), config or ExpertConfig())
+
+
+class ExpertAgent:
+    """The expert behind the evaluation ``Agent`` protocol: ``reset()`` plans for the episode the
+    env was just reset to, ``act`` returns a (1, 8) chunk (one control step, then re-plan)."""
+
+    def __init__(self, env, config: ExpertConfig | None = None) -> None:
+        self.env = env
+        self.config = config or ExpertConfig()
+        self._expert: ScriptedExpert | None = None
+
+    def reset(self) -> None:
+        self._expert = make_expert(self.env, self.config)
+
+    def act(self, observation) -> np.ndarray:
+        if self._expert is None:
+            raise RuntimeError("call reset() after env.reset() and before act()")
+        return self._expert.act(observation)[None, :]  # (1, 8)
+
+
+def run_expert_episode(env, task: str, seed: int, config: ExpertConfig | None = None,
+                       on_step=None) -> tuple[bool, int]:
+    """Reset, run the expert until its plan ends; returns (success, steps).
+
+    ``on_step(obs, clean_action, executed_action)`` sees every step (the recorder uses it).
+    Noise (``config.noise_std_rad``) is added to the executed arm targets only, outside the
+    precise phases, from a generator seeded by the episode seed (reproducible recordings).
+    """
+    config = config or ExpertConfig()
+    obs = env.reset(task, seed)
+    expert = make_expert(env, config)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    steps = 0
+    while not expert.done:
+        action = expert.act(obs)
+        executed = action.copy()
+        if config.noise_std_rad > 0:
+            noise = rng.normal(0.0, config.noise_std_rad, size=7)  # drawn every step: one stream per seed
+            if expert.noise_allowed:
+                executed[:7] += noise
+        if on_step is not None:
+            on_step(obs, action, executed)
+        obs = env.step(executed)
+        steps += 1
+    if on_step is not None:
+        on_step(obs, None, None)
+    return env.success(), steps

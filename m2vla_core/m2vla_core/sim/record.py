@@ -1,0 +1,172 @@
+"""``m2vla record``: run the scripted experts and write a LeRobot v2.1 dataset.
+
+Seeds: for each task, episodes use consecutive seeds starting at ``--seed-offset``; a failed
+expert episode is dropped (unless ``--keep-failures``) and the next seed is tried, up to twice
+the requested count. Keep evaluation seeds disjoint by giving ``m2vla eval`` a different offset;
+the seeds used are written to ``meta/info.json`` under ``"m2vla"``.
+
+One frame per control step (``--control-dt``, default 0.1 s = 10 fps): chunk policies act at the
+control rate, and rendering is what a recording costs.
+
+With ``--noise X`` the executed arm targets get Gaussian noise of std X rad (recovery data);
+the stored ``action`` is always the clean expert target for the observed state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m2vla_core.sim.env import TaskEnv
+from m2vla_core.sim.experts import ExpertConfig, run_expert_episode
+from m2vla_core.sim.lerobot_io import Episode, FeatureNames, LeRobotWriter
+from m2vla_core.sim.scene import SimConfig
+from m2vla_core.sim.tasks import parse_task_list
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    out: str
+    tasks: tuple[str, ...]
+    episodes_per_task: int = 20
+    seed_offset: int = 0
+    noise_std_rad: float = 0.0
+    keep_failures: bool = False
+    max_attempts_factor: int = 2  # try at most factor * episodes_per_task seeds per task
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_task < 1:
+            raise ValueError(f"RecordConfig.episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        if self.seed_offset < 0:
+            raise ValueError(f"RecordConfig.seed_offset must be >= 0, got {self.seed_offset}")
+        if self.max_attempts_factor < 1:
+            raise ValueError(f"RecordConfig.max_attempts_factor must be >= 1, got {self.max_attempts_factor}")
+        if not self.tasks:
+            raise ValueError("RecordConfig.tasks must name at least one task")
+        ExpertConfig(noise_std_rad=self.noise_std_rad)  # validates the noise range
+
+
+@dataclass
+class RecordSummary:
+    episodes: int
+    frames: int
+    attempts: dict[str, int]
+    kept: dict[str, int]
+    successes: dict[str, int]
+    seconds: float
+    renderer: str
+
+
+def record_episode(env: TaskEnv, task: str, seed: int, expert_config: ExpertConfig) -> Episode:
+    """Run the expert once and collect (observation, clean action) pairs; the final state is dropped."""
+    images, wrists, states, actions, ee, times = [], [], [], [], [], []
+
+    def on_step(obs, action, executed) -> None:
+        if action is None:
+            return  # final observation: no action follows it
+        images.append(obs.image)
+        if obs.wrist_image is not None:
+            wrists.append(obs.wrist_image)
+        states.append(obs.joint_positions)
+        actions.append(action)
+        ee.append(obs.ee_pose)
+        times.append(obs.time_s)
+
+    success, _ = run_expert_episode(env, task, seed, expert_config, on_step=on_step)
+    return Episode(instruction=env.spec.instruction, frames=np.stack(images),  # (T, H, W, 3)
+                   states=np.asarray(states, dtype=np.float32), actions=np.asarray(actions, dtype=np.float32),
+                   fps=1.0 / env.config.control_dt_s, task=task, seed=int(seed), success=bool(success),
+                   wrist_frames=np.stack(wrists) if wrists else None, ee_poses=np.asarray(ee, dtype=np.float32),
+                   timestamps=np.asarray(times, dtype=np.float32))
+
+
+def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: FeatureNames | None = None,
+                   progress: bool = True) -> RecordSummary:
+    from tqdm import tqdm
+
+    sim = sim or SimConfig()
+    if not sim.render:
+        raise ValueError("recording needs images: SimConfig.render must be True")
+    expert_config = ExpertConfig(noise_std_rad=config.noise_std_rad)
+    env = TaskEnv(sim)
+    t0 = time.perf_counter()
+    extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
+             config.noise_std_rad, "seed_offset": config.seed_offset, "state_layout": list(env.state_names),
+             "action_layout": list(env.state_names), "seeds": {}}
+    writer = LeRobotWriter(config.out, fps=1.0 / sim.control_dt_s, image_shape=(sim.image_height, sim.image_width, 3),
+                           state_names=list(env.state_names), action_names=list(env.state_names), names=names,
+                           wrist_image=sim.wrist_camera, extra_info=extra, overwrite=config.overwrite)
+    summary = RecordSummary(0, 0, {}, {}, {}, 0.0, env.renderer)
+    bar = tqdm(total=len(config.tasks) * config.episodes_per_task, unit="ep", disable=not progress,
+               desc="record", dynamic_ncols=True)
+    try:
+        for task in config.tasks:
+            kept = attempts = successes = 0
+            used: list[int] = []
+            while kept < config.episodes_per_task and attempts < config.max_attempts_factor * config.episodes_per_task:
+                seed = config.seed_offset + attempts
+                attempts += 1
+                episode = record_episode(env, task, seed, expert_config)
+                successes += int(bool(episode.success))
+                if episode.success or config.keep_failures:
+                    writer.add_episode(episode)
+                    used.append(seed)
+                    kept += 1
+                    summary.frames += len(episode)
+                    bar.update(1)
+                bar.set_postfix(task=task, ok=f"{successes}/{attempts}")
+            summary.attempts[task], summary.kept[task], summary.successes[task] = attempts, kept, successes
+            extra["seeds"][task] = used
+            summary.episodes += kept
+    finally:
+        bar.close()
+        writer.close()
+        env.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="m2vla record", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="dataset directory to create")
+    parser.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
+    parser.add_argument("--episodes-per-task", type=int, default=20)
+    parser.add_argument("--seed-offset", type=int, default=0, help="first seed of every task")
+    parser.add_argument("--noise", type=float, default=0.0, help="[rad] std of noise on executed arm targets")
+    parser.add_argument("--keep-failures", action="store_true", help="also keep episodes the expert failed")
+    parser.add_argument("--image-size", type=int, default=224, help="[px] square camera image")
+    parser.add_argument("--control-dt", type=float, default=0.1, help="[s] control period = 1 / fps")
+    parser.add_argument("--wrist", action="store_true", help="also record the wrist camera")
+    parser.add_argument("--renderer", default="tiny", choices=["auto", "egl", "tiny"],
+                        help="tiny: portable, identical images everywhere (default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    parser.add_argument("--no-progress", action="store_true")
+    opts = parser.parse_args(argv)
+    try:
+        tasks = tuple(parse_task_list(opts.tasks))
+        config = RecordConfig(out=str(opts.out), tasks=tasks, episodes_per_task=opts.episodes_per_task,
+                              seed_offset=opts.seed_offset, noise_std_rad=opts.noise, keep_failures=opts.keep_failures,
+                              overwrite=opts.overwrite)
+        sim = SimConfig(image_width=opts.image_size, image_height=opts.image_size, control_dt_s=opts.control_dt,
+                        wrist_camera=opts.wrist, renderer=opts.renderer)
+        summary = record_dataset(config, sim, progress=not opts.no_progress)
+    except (KeyError, ValueError, FileExistsError) as exc:
+        print(f"m2vla record: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary.episodes} episodes, {summary.frames} frames to {opts.out} in {summary.seconds:.1f} s "
+          f"(renderer: {summary.renderer})")
+    for task in config.tasks:
+        print(f"  {task:<14} kept {summary.kept[task]:>3}  expert success {summary.successes[task]}/"
+              f"{summary.attempts[task]}")
+    short = [t for t in config.tasks if summary.kept[t] < config.episodes_per_task]
+    if short:
+        print(f"m2vla record: fewer episodes than asked for {', '.join(short)}", file=sys.stderr)
+        return 1
+    return 0

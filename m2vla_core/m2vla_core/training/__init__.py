@@ -1,0 +1,1 @@
+"""Training heads on cached backbone features: dataset format, normalisation, trainer, CLI."""

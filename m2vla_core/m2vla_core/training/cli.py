@@ -1,0 +1,67 @@
+"""``m2vla train --data DIR --out CKPT [--config JSON|PRESET] [--steps N] [--resume] [--seed S]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from m2vla_core.config_io import ConfigError, load_json
+from m2vla_core.heads.checkpoint import CheckpointError
+from m2vla_core.heads.factory import DEFAULT_PRESET, PRESETS
+from m2vla_core.training.feature_dataset import DatasetError
+from m2vla_core.training.trainer import RunConfig, run_config_from_preset, saved_run_config, train
+
+
+def resolve_run_config(spec: str) -> RunConfig:
+    """A path to a RunConfig JSON file, or a preset name (strict, with did-you-mean)."""
+    if spec.endswith(".json") or Path(spec).is_file():
+        return load_json(RunConfig, spec)
+    try:
+        return run_config_from_preset(spec)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in PRESETS.items())
+    p = argparse.ArgumentParser(prog="m2vla train", description="Train a head on cached backbone features.",
+                                epilog=f"presets:\n{presets}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="feature dataset directory (meta.json + shards)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--config", help=f"RunConfig JSON file or preset name (default {DEFAULT_PRESET}; "
+                   "with --resume: the run's own config)")
+    p.add_argument("--steps", type=int, help="total optimisation steps (overrides the config)")
+    p.add_argument("--batch-size", type=int, help="overrides the config")
+    p.add_argument("--seed", type=int, help="overrides the config")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.config is None:
+            run = saved_run_config(args.out) if args.resume else run_config_from_preset(DEFAULT_PRESET)
+        else:
+            run = resolve_run_config(args.config)
+        overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
+                     if v is not None}
+        if overrides:
+            run = replace(run, train=replace(run.train, **overrides))
+        result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
+                       stop_after=args.stop_after)
+    except (ConfigError, CheckpointError, DatasetError, ValueError) as exc:
+        print(f"m2vla train: {exc}", file=sys.stderr)
+        return 2
+    last_val = f"{result.val_loss[-1][1]:.5f}" if result.val_loss else "n/a (single-episode dataset)"
+    print(f"trained to step {result.step} in {result.seconds:.1f} s; final train loss "
+          f"{result.train_loss[-1][1] if result.train_loss else float('nan'):.5f}, val loss {last_val}")
+    print(f"checkpoint: {result.out_dir}")
+    return 0

@@ -1,0 +1,32 @@
+"""Action / state normalisation statistics, computed on the training split only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    state_mean: np.ndarray  # (S,)
+    state_std: np.ndarray  # (S,)
+    action_mean: np.ndarray  # (A,) over all samples and chunk steps
+    action_std: np.ndarray  # (A,)
+
+    def apply_to(self, head) -> None:
+        head.normalizer.set_stats(self.state_mean, self.state_std, self.action_mean, self.action_std)
+
+
+def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
+    """Per-dimension mean / std of state (N, S) and actions (N, H, A) in float64."""
+    state = np.asarray(state, dtype=np.float64)
+    actions = np.asarray(actions, dtype=np.float64).reshape(-1, np.shape(actions)[-1])  # (N * H, A)
+    if len(state) == 0:
+        raise ValueError("cannot compute normalisation statistics of an empty split")
+    return NormalizationStats(state.mean(0).astype(np.float32), state.std(0).astype(np.float32),
+                              actions.mean(0).astype(np.float32), actions.std(0).astype(np.float32))
+
+
+def dataset_stats(dataset, indices: np.ndarray) -> NormalizationStats:
+    return compute_stats(dataset.state[indices].numpy(), dataset.actions[indices].numpy())

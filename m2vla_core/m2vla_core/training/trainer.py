@@ -1,0 +1,266 @@
+"""Train a head on a feature dataset: normalisation on the train split, skill memory from the
+train split, AdamW with warmup + cosine, periodic validation, safetensors checkpoints and an
+exact resume.
+
+Determinism: weights are initialised from ``seed`` and every step draws its batch from a
+generator seeded by (seed, step), so a run resumed at step k continues exactly as the
+uninterrupted run would (the optimizer state is saved too, in safetensors).
+
+Output directory: config.json + model.safetensors (the head, loadable by ``load_head``),
+train_state.safetensors (optimizer moments + step), train.json (run config + history),
+loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from m2vla_core.config_io import from_dict, to_dict
+from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file, load_head,
+                                         save_head)
+from m2vla_core.heads.configuration_head import HeadArchConfig
+from m2vla_core.heads.factory import DEFAULT_PRESET, get_preset
+from m2vla_core.heads.policy_head import PolicyHead
+from m2vla_core.training.feature_dataset import FeatureDataset
+from m2vla_core.training.normalization import dataset_stats
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_NAME = "train_state.safetensors"
+RUN_NAME = "train.json"
+PLOT_NAME = "loss_curves.png"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1  # of episodes
+    val_every: int = 200
+    val_max_samples: int = 2048
+    ckpt_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_max_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay}/{self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class RunConfig:
+    """What a JSON ``--config`` file holds: architecture + training settings."""
+
+    arch: HeadArchConfig = field(default_factory=HeadArchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""  # informational: the preset this run started from
+
+
+def saved_run_config(out_dir: str | os.PathLike) -> RunConfig:
+    """The RunConfig a checkpoint directory was trained with (for ``--resume`` without ``--config``)."""
+    path = Path(out_dir) / RUN_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir}: nothing to resume ({RUN_NAME} missing)")
+    return from_dict(RunConfig, json.loads(path.read_text(encoding="utf-8"))["run"])
+
+
+def run_config_from_preset(name: str = DEFAULT_PRESET) -> RunConfig:
+    return RunConfig(arch=get_preset(name), preset=name)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    train_loss: list[tuple[int, float]]
+    val_loss: list[tuple[int, float]]
+    seconds: float
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    picks = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen).numpy()
+    return train_idx[picks]
+
+
+def _loss(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> torch.Tensor:
+    target = head.normalizer.normalize_action(batch["actions"])  # (B, H, A)
+    exclude_ep = batch["episode_index"] if exclude and head.uses_memory else None
+    pred = head.forward_normalized(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+@torch.no_grad()
+def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray, batch_size: int = 256) -> float:
+    """Mean normalised MSE over (up to the first ``len(val_idx)``) validation samples."""
+    was_training = head.training
+    head.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val_idx), batch_size):
+        idx = val_idx[start:start + batch_size]
+        total += float(_loss(head, dataset.batch(idx), exclude=False)) * len(idx)
+        count += len(idx)
+    head.train(was_training)
+    return total / max(count, 1)
+
+
+def _optimizer(head: PolicyHead, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def save_train_state(optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            tensors[f"state.{pid}.{name}"] = torch.as_tensor(value)
+    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def load_train_state(optimizer: torch.optim.Optimizer, path: Path) -> int:
+    check_safetensors_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    try:
+        groups = json.loads(meta["param_groups"])
+        step = int(meta["step"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not fit this head ({exc})") from exc
+    return step
+
+
+def _save_all(head, optimizer, step, out: Path, run: RunConfig, data_dir: Path, history: dict, plot: bool) -> None:
+    save_head(head, out)
+    save_train_state(optimizer, step, out / TRAIN_STATE_NAME)
+    record = {"run": to_dict(run), "data": str(data_dir), "step": step, "history": history}
+    tmp = out / (RUN_NAME + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / RUN_NAME)
+    if plot:
+        from m2vla_core.training.plots import plot_losses
+
+        plot_losses(history, out / PLOT_NAME, title=run.preset or run.arch.action_head)
+
+
+def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfig | None = None, *,
+          resume: bool = False, progress: bool = True, plot: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) a head; returns the loss history. ``run.train.steps`` is the total (the
+    LR schedule's length); ``stop_after`` ends the session early at that step with a resumable
+    checkpoint (time-boxed jobs; an interrupted run)."""
+    run = run or run_config_from_preset()
+    cfg = run.train
+    data_dir, out = Path(data_dir), Path(out_dir)
+    dataset = FeatureDataset(data_dir)
+    train_idx, val_idx = dataset.split_by_episode(cfg.val_fraction, seed=cfg.seed)
+    val_idx = val_idx[:: max(1, len(val_idx) // cfg.val_max_samples)][: cfg.val_max_samples]
+    history: dict[str, list] = {"train": [], "val": []}
+    torch.manual_seed(cfg.seed)
+    if resume:
+        if not (out / TRAIN_STATE_NAME).is_file():
+            raise CheckpointError(f"{out}: nothing to resume ({TRAIN_STATE_NAME} missing)")
+        saved = json.loads((out / RUN_NAME).read_text(encoding="utf-8"))
+        saved_run = from_dict(RunConfig, saved["run"])
+        if saved_run.arch != run.arch or {**to_dict(saved_run.train), "steps": 0} != {**to_dict(cfg), "steps": 0}:
+            raise CheckpointError(f"{out}: --resume with a different config than the run being resumed "
+                                  f"(only the step count may change)")
+        head = load_head(out, backbone=(dataset.meta.backbone_id, dataset.meta.backbone_digest))
+        if head.config != dataset.meta.head_config(run.arch):
+            raise CheckpointError(f"{out}: checkpoint was trained on a dataset with another interface than {data_dir}")
+        head.train()
+        optimizer = _optimizer(head, cfg)
+        start = load_train_state(optimizer, out / TRAIN_STATE_NAME)
+        history = saved["history"]
+    else:
+        if (out / TRAIN_STATE_NAME).exists() or (out / "model.safetensors").exists():
+            raise CheckpointError(f"{out}: already holds a checkpoint; pass --resume or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        head = PolicyHead(dataset.meta.head_config(run.arch))
+        dataset_stats(dataset, train_idx).apply_to(head)
+        if head.uses_memory:
+            kept = head.build_memory(dataset, train_idx)
+            log.info("skill memory: %d entries from %d training samples", kept, len(train_idx))
+        head.train()
+        optimizer = _optimizer(head, cfg)
+        start = 0
+    t0 = time.perf_counter()
+    if start == 0 and len(val_idx) and not history["val"]:
+        history["val"].append((0, validation_loss(head, dataset, val_idx)))  # the untrained baseline
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    end = cfg.steps if stop_after is None else max(start, min(cfg.steps, int(stop_after)))
+    for step in range(start, end):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = _loss(head, dataset.batch(_batch_indices(train_idx, step, cfg)),
+                     exclude=run.arch.msm.exclude_same_episode)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        history["train"].append((done, loss.item()))
+        if len(val_idx) and (done % cfg.val_every == 0 or done == cfg.steps):
+            history["val"].append((done, validation_loss(head, dataset, val_idx)))
+        if bar is not None:
+            bar.update(1)
+            post = {"loss": f"{loss.item():.4f}"}
+            if history["val"]:
+                post["val"] = f"{history['val'][-1][1]:.4f}"
+            bar.set_postfix(post, refresh=False)
+        if done % cfg.ckpt_every == 0 and done != end:
+            _save_all(head, optimizer, done, out, run, data_dir, history, plot=False)
+    if bar is not None:
+        bar.close()
+    final = max(end, start)
+    _save_all(head, optimizer, final, out, run, data_dir, history, plot=plot)
+    return TrainResult(out, final, [tuple(x) for x in history["train"]], [tuple(x) for x in history["val"]],
+                       time.perf_counter() - t0)

@@ -1,0 +1,122 @@
+"""Mixture of Layers: layer weights, sparse top-k reads, contract checks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from m2vla_core.heads import ContractError, HeadConfig, MoLConfig, PolicyHead
+from m2vla_core.heads.factory import small_head_config
+
+
+def _head(mix: str, **mol) -> PolicyHead:
+    cfg = small_head_config("mol+mlp", layers=(1, 2, 3, 4))
+    cfg = replace(cfg, arch=replace(cfg.arch, mol=replace(cfg.arch.mol, mix=mix, **mol)))
+    torch.manual_seed(0)
+    head = PolicyHead(cfg)
+    head.normalizer.set_stats(np.zeros(8), np.ones(8), np.zeros(8), np.ones(8))
+    return head
+
+
+def _inputs(head: PolicyHead, batch: int = 5, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n_layers, tokens, width = head.config.contract.shape
+    features = torch.randn(batch, n_layers, tokens, width, generator=gen) * torch.rand(batch, n_layers, 1, 1, generator=gen) * 3
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[:, -2:] = False
+    return features, mask, torch.randn(batch, head.config.state_dim, generator=gen)
+
+
+@pytest.mark.parametrize("mix,extra", [("last", {}), ("fixed", {"fixed_layer": 2}), ("uniform", {}), ("scalar", {}),
+                                       ("router", {}), ("router", {"top_k": 2})])
+def test_layer_weights_are_a_distribution_over_contract_layers(mix, extra):
+    head = _head(mix, **extra)
+    if mix == "scalar":
+        with torch.no_grad():
+            head.mol.mix_logits.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    w = head.layer_weights(*_inputs(head))
+    assert w.shape == (5, 4)
+    assert torch.all(w >= 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
+    if mix == "last":
+        assert torch.all(w[:, -1] == 1)
+    if mix == "fixed":
+        assert torch.all(w[:, 1] == 1)  # hidden-state index 2 is the second contract layer
+    if extra.get("top_k"):
+        assert torch.all((w > 0).sum(-1) == 2)
+
+
+def test_router_weights_depend_on_the_input():
+    head = _head("router")
+    w = head.layer_weights(*_inputs(head))
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_top_k_router_reads_only_the_selected_layers():
+    head = _head("router", top_k=2, router_layer=1)
+    features, mask, state = _inputs(head)
+    w = head.layer_weights(features, mask, state)
+    features.requires_grad_(True)
+    out = head(features, mask, state)
+    out.square().sum().backward()
+    grad_per_layer = features.grad.abs().sum(dim=(2, 3))  # (B, L)
+    for b in range(features.shape[0]):
+        for pos in range(4):
+            if pos == 0:  # the router layer: read by the router, whatever the weights
+                continue
+            assert (grad_per_layer[b, pos] > 0) == bool(w[b, pos] > 0), (b, pos)
+    # Changing an unselected (non-router) layer must not change the output at all.
+    with torch.no_grad():
+        unselected = [(b, pos) for b in range(5) for pos in range(1, 4) if w[b, pos] == 0]
+        assert unselected
+        poked = features.detach().clone()
+        for b, pos in unselected:
+            poked[b, pos] = 1e3 * torch.randn_like(poked[b, pos])
+        torch.testing.assert_close(head(poked, mask, state), out.detach(), rtol=0, atol=0)
+
+
+def test_last_mode_ignores_other_layers():
+    head = _head("last")
+    features, mask, state = _inputs(head)
+    with torch.no_grad():
+        before = head(features, mask, state)
+        features[:, :-1] = torch.randn_like(features[:, :-1])
+        torch.testing.assert_close(head(features, mask, state), before, rtol=0, atol=0)
+
+
+def test_masked_tokens_do_not_change_the_output():
+    head = _head("router")
+    features, mask, state = _inputs(head)
+    with torch.no_grad():
+        before = head(features, mask, state)
+        features[:, :, -2:] = 1e3 * torch.randn_like(features[:, :, -2:])
+        torch.testing.assert_close(head(features, mask, state), before)
+
+
+@pytest.mark.parametrize("shape,needle", [((2, 3, 8, 32), "n_layers"), ((2, 4, 9, 32), "T"), ((2, 4, 8, 16), "D")])
+def test_contract_violation_raises_a_clear_error(shape, needle):
+    head = _head("router")
+    with pytest.raises(ContractError, match="head expects") as info:
+        head(torch.randn(*shape), torch.ones(2, 8, dtype=torch.bool), torch.randn(2, 8))
+    assert needle in str(info.value) and str(tuple(shape)) in str(info.value)
+
+
+def test_wrong_state_or_mask_shape_is_refused():
+    head = _head("uniform")
+    features, mask, state = _inputs(head, batch=2)
+    with pytest.raises(ContractError, match="state"):
+        head(features, mask, state[:, :5])
+    with pytest.raises(ContractError, match="mask"):
+        head(features, mask.float(), state)
+
+
+def test_config_refuses_a_fixed_layer_outside_the_contract():
+    cfg = small_head_config("middle+mlp", layers=(1, 2, 3))
+    with pytest.raises(ValueError, match="fixed_layer=5"):
+        replace(cfg, arch=replace(cfg.arch, mol=replace(cfg.arch.mol, fixed_layer=5)))
+    with pytest.raises(ValueError, match="top_k"):
+        MoLConfig(mix="uniform", top_k=2)
+    assert isinstance(cfg, HeadConfig)

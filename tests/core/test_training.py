@@ -1,0 +1,193 @@
+"""Feature dataset format, trainer (normalisation, memory, validation, exact resume) and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m2vla_core.heads import load_head
+from m2vla_core.heads.factory import small_head_config
+from m2vla_core.training.cli import train_main
+from m2vla_core.training.feature_dataset import DatasetError, FeatureDataset, FeatureDatasetMeta, FeatureDatasetWriter
+from m2vla_core.training.synthetic import write_synthetic_dataset
+from m2vla_core.training.trainer import RunConfig, TrainConfig, train
+
+CONTRACT = small_head_config().contract
+
+
+def _run(preset: str = "mol+msm", steps: int = 60, **train_kw) -> RunConfig:
+    arch = small_head_config(preset).arch
+    cfg = dict(steps=steps, batch_size=32, lr=2e-3, warmup_steps=5, val_fraction=0.25, val_every=20, ckpt_every=1000)
+    cfg.update(train_kw)
+    return RunConfig(arch=arch, train=TrainConfig(**cfg), preset=preset)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("features") / "data"
+    write_synthetic_dataset(path, contract=CONTRACT, num_episodes=12, episode_len=24, shard_size=100)
+    return path
+
+
+def _meta(**kw) -> FeatureDatasetMeta:
+    fields = dict(contract=CONTRACT, state_dim=8, action_space="joint", action_dim=8, chunk_len=16, dt_s=0.1,
+                  backbone_id="b", backbone_digest="d")
+    return FeatureDatasetMeta(**{**fields, **kw})
+
+
+def test_dataset_round_trip_in_shards(data_dir):
+    ds = FeatureDataset(data_dir)
+    assert len(ds) == 12 * 24 and ds.meta.num_episodes == 12 and len(ds.meta.shards) == 3
+    assert ds.hidden.dtype == torch.float16 and ds.hidden.shape == (288, *CONTRACT.shape)
+    batch = ds.batch([0, 5, 287])
+    assert batch["hidden"].dtype == torch.float32 and batch["mask"].dtype == torch.bool
+    assert batch["actions"].shape == (3, 16, 8) and batch["episode_index"].tolist() == [0, 0, 11]
+    assert sorted(p.name for p in data_dir.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_split_keeps_whole_episodes_apart(data_dir):
+    ds = FeatureDataset(data_dir)
+    train_idx, val_idx = ds.split_by_episode(0.25, seed=3)
+    train_eps, val_eps = set(ds.episode_index[train_idx]), set(ds.episode_index[val_idx])
+    assert len(val_eps) == 3 and not train_eps & val_eps
+    assert len(train_idx) + len(val_idx) == len(ds)
+
+
+def test_writer_single_samples_append_and_shape_checks(tmp_path):
+    path = tmp_path / "ds"
+    n_layers, tokens, width = CONTRACT.shape
+    with FeatureDatasetWriter(path, _meta(hidden_dtype="float32")) as w:
+        for t in range(3):
+            w.add(np.ones((n_layers, tokens, width)), np.ones(tokens, bool), np.zeros(8), np.zeros((16, 8)), 7, 1)
+        with pytest.raises(DatasetError, match=r"hidden shaped \(1, 3, 8, 16\)"):
+            w.add(np.ones((n_layers, tokens, 16)), np.ones(tokens, bool), np.zeros(8), np.zeros((16, 8)), 7, 1)
+    with FeatureDatasetWriter(path, _meta(hidden_dtype="float32"), append=True) as w:
+        w.add(np.ones((2, n_layers, tokens, width)), np.ones((2, tokens), bool), np.zeros((2, 8)), np.zeros((2, 16, 8)),
+              [8, 8], [0, 0])
+    ds = FeatureDataset(path)
+    assert len(ds) == 5 and ds.meta.num_episodes == 2 and ds.hidden.dtype == torch.float32
+    with pytest.raises(DatasetError, match="already holds a dataset"):
+        FeatureDatasetWriter(path, _meta())
+    with pytest.raises(DatasetError, match="differs"):
+        FeatureDatasetWriter(path, _meta(hidden_dtype="float32", dt_s=0.2), append=True)
+
+
+def test_damaged_dataset_is_reported(data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    shard = copy / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DatasetError, match="truncated"):
+        FeatureDataset(copy)
+
+
+# The MSM starts from its retrieved prior (already a decent guess), so it has less to gain.
+@pytest.mark.parametrize("preset,factor", [("mol+msm", 0.85), ("mol+mlp", 0.7)])
+def test_training_lowers_validation_loss(data_dir, tmp_path, preset, factor):
+    result = train(data_dir, tmp_path / "ckpt", _run(preset, steps=60, lr=5e-3), progress=False)
+    (step0, val0), (step_n, val_n) = result.val_loss[0], result.val_loss[-1]
+    assert (step0, step_n) == (0, 60)
+    assert val_n < factor * val0, result.val_loss
+    head = load_head(tmp_path / "ckpt")  # the output is a loadable head
+    assert (tmp_path / "ckpt" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if head.uses_memory:
+        assert 0 < head.action_head.memory.size <= head.config.arch.msm.memory_size
+        train_eps = set(FeatureDataset(data_dir).episode_index[FeatureDataset(data_dir).split_by_episode(0.25, 0)[0]])
+        assert set(head.action_head.memory.episodes.tolist()) <= train_eps  # memory from the train split only
+
+
+def test_normalisation_stats_come_from_the_train_split(data_dir, tmp_path):
+    train(data_dir, tmp_path / "ckpt", _run("mol+mlp", steps=1), progress=False, plot=False)
+    head = load_head(tmp_path / "ckpt")
+    ds = FeatureDataset(data_dir)
+    train_idx, _ = ds.split_by_episode(0.25, seed=0)
+    np.testing.assert_allclose(head.normalizer.action_mean.numpy(), ds.actions[train_idx].mean((0, 1)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(head.normalizer.state_std.numpy(), ds.state[train_idx].std(0, unbiased=False).numpy(),
+                               rtol=1e-4)
+
+
+def test_resume_continues_from_the_same_step_with_the_same_result(data_dir, tmp_path):
+    run = _run("mol+msm", steps=20, val_every=5, ckpt_every=1000)
+    straight = train(data_dir, tmp_path / "straight", run, progress=False, plot=False)
+    first = train(data_dir, tmp_path / "resumed", run, progress=False, plot=False, stop_after=10)
+    assert first.step == 10
+    assert json.loads((tmp_path / "resumed" / "train.json").read_text())["step"] == 10
+    second = train(data_dir, tmp_path / "resumed", run, resume=True, progress=False, plot=False)
+    assert second.step == 20
+    assert [s for s, _ in second.train_loss] == list(range(1, 21))
+    np.testing.assert_allclose([l for _, l in second.train_loss], [l for _, l in straight.train_loss], rtol=1e-6)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_a_changed_config_and_fresh_run_refuses_an_existing_checkpoint(data_dir, tmp_path):
+    train(data_dir, tmp_path / "c", _run("mol+mlp", steps=2), progress=False, plot=False)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train(data_dir, tmp_path / "c", _run("mol+mlp", steps=2), progress=False, plot=False)
+    with pytest.raises(ValueError, match="different config"):
+        train(data_dir, tmp_path / "c", _run("mol+mlp", steps=4, lr=1e-2), resume=True, progress=False, plot=False)
+
+
+def test_gradient_reaches_only_head_parameters(data_dir, tmp_path):
+    """Features are inputs (the backbone is frozen elsewhere); the normaliser and the skill
+    memory are buffers: a training step moves head weights and nothing else."""
+    train(data_dir, tmp_path / "c", _run("mol+msm", steps=1), progress=False, plot=False)
+    head = load_head(tmp_path / "c").train()
+    names = [n for n, _ in head.named_parameters()]
+    assert not [n for n in names if n.startswith("normalizer") or ".memory." in n]
+    buffers = {k: v.clone() for k, v in head.named_buffers()}
+    params = {k: v.clone() for k, v in head.named_parameters()}
+    ds = FeatureDataset(data_dir)
+    batch = ds.batch(np.arange(32))
+    features = batch["hidden"].requires_grad_(False)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    loss = head.forward_normalized(features, batch["mask"], batch["state"], exclude_episode=batch["episode_index"]).square().mean()
+    loss.backward()
+    missing_grad = [n for n, p in head.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing_grad
+    assert features.grad is None
+    opt.step()
+    for k, v in head.named_buffers():
+        torch.testing.assert_close(v, buffers[k], rtol=0, atol=0)
+    assert any(not torch.equal(p, params[n]) for n, p in head.named_parameters())
+
+
+def test_cli_trains_with_a_preset_and_refuses_unknown_presets(data_dir, tmp_path, capsys):
+    code = train_main(["--data", str(data_dir), "--out", str(tmp_path / "cli"), "--config", "mol+skills", "--steps", "3",
+                       "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "trained to step 3" in capsys.readouterr().out
+    assert load_head(tmp_path / "cli").config.arch.action_head == "skills"
+    code = train_main(["--data", str(data_dir), "--out", str(tmp_path / "cli2"), "--config", "mol+mps", "--steps", "1"])
+    assert code == 2
+    assert "did you mean 'mol+msm'" in capsys.readouterr().err
+
+
+def test_cli_reads_a_json_run_config_strictly(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"arch": {"action_head": "mlp", "d_model": 32, "mol": {"mix": "uniform", "num_queries": 2}},
+                               "train": {"batch_size": 8}}))
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "j"), "--config", str(cfg), "--steps", "2",
+                       "--no-progress"]) == 0
+    assert load_head(tmp_path / "j").config.arch.mol.mix == "uniform"
+    cfg.write_text(json.dumps({"train": {"batch_sise": 8}}))
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "k"), "--config", str(cfg)]) == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
+
+
+def test_cli_resume_reuses_the_runs_own_config(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train_main(["--data", str(data_dir), "--out", out, "--config", "last+mlp", "--steps", "4", "--stop-after", "2",
+                       "--no-progress"]) == 0
+    assert train_main(["--data", str(data_dir), "--out", out, "--resume", "--no-progress"]) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+    assert load_head(out).config.arch.mol.mix == "last"

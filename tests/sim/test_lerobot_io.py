@@ -1,0 +1,98 @@
+"""LeRobot v2.1 recording and loading: exact round trip, CLI, foreign feature names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m2vla_core.sim import ExpertConfig, SimConfig, TaskEnv
+from m2vla_core.sim.lerobot_io import Episode, FeatureNames, LeRobotWriter, load_lerobot_episodes
+from m2vla_core.sim.record import cli_main, record_episode
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    with TaskEnv(SimConfig(image_width=32, image_height=32)) as env:
+        return record_episode(env, "reach_above", 0, ExpertConfig()), list(env.state_names)
+
+
+def _writer(root, names=None, ee_pose=True, **kw):
+    return LeRobotWriter(root, fps=10.0, image_shape=(32, 32, 3), state_names=[f"s{i}" for i in range(8)],
+                         action_names=[f"a{i}" for i in range(8)], names=names, ee_pose=ee_pose, **kw)
+
+
+def test_recorded_episode_round_trips_exactly(tmp_path, recorded):
+    episode, _ = recorded
+    assert episode.success and len(episode) > 5
+    with _writer(tmp_path / "ds") as writer:
+        assert writer.add_episode(episode) == 0
+        assert writer.add_episode(episode) == 1
+    back = load_lerobot_episodes(tmp_path / "ds")
+    assert [e.index for e in back] == [0, 1]
+    got = back[1]
+    assert got.frames.dtype == np.uint8 and np.array_equal(got.frames, episode.frames)
+    assert np.array_equal(got.states, episode.states) and np.array_equal(got.actions, episode.actions)
+    assert np.array_equal(got.ee_poses, episode.ee_poses) and np.array_equal(got.timestamps, episode.timestamps)
+    assert (got.instruction, got.task, got.seed, got.success) == (episode.instruction, "reach_above", 0, True)
+    assert got.fps == 10.0
+
+
+def test_written_dataset_follows_the_lerobot_v21_layout(tmp_path, recorded):
+    episode, _ = recorded
+    with _writer(tmp_path) as writer:
+        writer.add_episode(episode)
+    info = json.loads((tmp_path / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v2.1"
+    assert info["total_episodes"] == 1 and info["total_frames"] == len(episode) and info["total_tasks"] == 1
+    assert info["features"]["observation.images.front"]["dtype"] == "image"
+    assert info["features"]["observation.state"]["shape"] == [8]
+    assert json.loads((tmp_path / "meta/tasks.jsonl").read_text()) == {"task_index": 0, "task": episode.instruction}
+    assert (tmp_path / "meta/episodes_stats.jsonl").exists() and (tmp_path / "meta/stats.json").exists()
+    table = pq.read_table(tmp_path / "data/chunk-000/episode_000000.parquet")
+    assert {"observation.images.front", "observation.state", "action", "timestamp", "frame_index",
+            "episode_index", "index", "task_index"} <= set(table.column_names)
+    cell = table.column("observation.images.front")[0].as_py()
+    assert cell["bytes"][:8] == b"\x89PNG\r\n\x1a\n"
+    hf = json.loads(table.schema.metadata[b"huggingface"])
+    assert hf["info"]["features"]["observation.images.front"] == {"_type": "Image"}
+
+
+def test_dataset_with_other_feature_names_is_read_through_a_name_map(tmp_path, recorded):
+    episode, _ = recorded
+    theirs = FeatureNames(image="observation.images.top", state="observation.joints", action="action.joints",
+                          wrist_image="", ee_pose="")
+    with _writer(tmp_path, names=theirs, ee_pose=False) as writer:
+        writer.add_episode(Episode(instruction="do it", frames=episode.frames, states=episode.states,
+                                   actions=episode.actions, fps=10.0))
+    with pytest.raises(KeyError, match="did you mean 'observation.images.top'"):
+        load_lerobot_episodes(tmp_path)
+    (got,) = load_lerobot_episodes(tmp_path, names=theirs)
+    assert np.array_equal(got.frames, episode.frames) and got.instruction == "do it"
+    assert got.ee_poses is None and got.task == "" and got.seed is None
+
+
+def test_writer_refuses_to_overwrite_an_existing_dataset(tmp_path, recorded):
+    with _writer(tmp_path) as writer:
+        writer.add_episode(recorded[0])
+    with pytest.raises(FileExistsError):
+        _writer(tmp_path)
+
+
+def test_record_cli_writes_successful_expert_episodes(tmp_path):
+    out = tmp_path / "demo"
+    rc = cli_main(["--out", str(out), "--tasks", "reach_above", "--episodes-per-task", "2", "--image-size", "32",
+                   "--seed-offset", "100", "--no-progress"])
+    assert rc == 0
+    episodes = load_lerobot_episodes(out)
+    assert [e.seed for e in episodes] == [100, 101]
+    assert all(e.success and e.task == "reach_above" and e.frames.shape[1:] == (32, 32, 3) for e in episodes)
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["m2vla"]["seeds"] == {"reach_above": [100, 101]} and info["fps"] == 10.0
+
+
+def test_record_cli_rejects_an_unknown_task(tmp_path, capsys):
+    assert cli_main(["--out", str(tmp_path / "x"), "--tasks", "stak", "--no-progress"]) == 2
+    assert "did you mean 'stack'" in capsys.readouterr().err
