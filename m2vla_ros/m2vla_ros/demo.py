@@ -50,8 +50,8 @@ class EpisodeResult:
 class DemoClient(Node):
     """The operator's side: services, instruction publisher, and monitors."""
 
-    def __init__(self) -> None:
-        super().__init__("m2vla_demo_client")
+    def __init__(self, *, context=None) -> None:
+        super().__init__("m2vla_demo_client", context=context)
         self.instruction_pub = self.create_publisher(String, "/m2vla/instruction", qos.INSTRUCTION)
         self.sim_reset = self.create_client(Reset, "/m2vla_sim/reset")
         self.policy_stop = self.create_client(Stop, "/m2vla_policy/stop")
@@ -96,7 +96,7 @@ class DemoClient(Node):
                 self.frames.append(frame)
 
 
-def _call(client, request, timeout_s: float):
+def call_service(client, request, timeout_s: float):
     if not client.wait_for_service(timeout_sec=timeout_s):
         raise TimeoutError(f"service {client.srv_name} not available after {timeout_s:.0f} s")
     future = client.call_async(request)
@@ -120,11 +120,11 @@ def _write_gif(frames: list[np.ndarray], path: Path, every: int = 2) -> str | No
 
 
 def run_episode(client: DemoClient, task: str, seed: int, timeout_s: float, gif_dir: Path | None) -> EpisodeResult:
-    _call(client.policy_stop, Stop.Request(reason=f"demo: next episode {task}"), 30.0)
-    reset = _call(client.sim_reset, Reset.Request(task=task, seed=seed), 60.0)
+    call_service(client.policy_stop, Stop.Request(reason=f"demo: next episode {task}"), 30.0)
+    reset = call_service(client.sim_reset, Reset.Request(task=task, seed=seed), 60.0)
     if not reset.success:
         raise RuntimeError(f"sim reset to {task} failed: {reset.message}")
-    _call(client.controller_reset, Reset.Request(task="", seed=-1), 30.0)
+    call_service(client.controller_reset, Reset.Request(task="", seed=-1), 30.0)
     with client.lock:
         last_instruction_id = client.policy_status.instruction_id if client.policy_status else 0
         client.chunk_times.clear()
@@ -159,7 +159,7 @@ def run_episode(client: DemoClient, task: str, seed: int, timeout_s: float, gif_
     )
 
 
-def _wait_until_ready(client: DemoClient, timeout_s: float) -> None:
+def wait_until_ready(client: DemoClient, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with client.lock:
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
         graph_procs.start()
         print(f"m2vla demo: graph started ({', '.join(n.name for n in graph_procs.nodes)}); logs in {opts.out / 'logs'}",
               flush=True)
-        _wait_until_ready(client, 180.0)
+        wait_until_ready(client, 180.0)
         for i, task in enumerate(tasks):
             result = run_episode(client, task, opts.seed + i, opts.timeout, None if opts.no_gif else opts.out)
             results.append(result)
