@@ -1,0 +1,262 @@
+"""``m2vla eval``: closed-loop success of a head checkpoint in the PyBullet task suite.
+
+Every task runs ``--episodes`` seeded episodes, seeds ``seed_offset .. seed_offset + N - 1``
+(default offset 1000: ``m2vla record`` uses 0.. for training data, so evaluation layouts are
+held out). Episodes are spread over ``--workers`` spawned processes, each with its own env,
+backbone and head (one torch thread each). Output: a per-task success table on stdout, a JSON
+report (``mean_success``, per-task success, seeds, act latency p50 / p99), a PNG bar chart
+and one short GIF per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SEED_OFFSET = 1000
+MAX_WORKERS = 2  # this machine has 2 shared cores
+GIF_SIZE_PX = 128
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    policy: str = ""  # head checkpoint dir; "" = the shipped default policy
+    backend: str = "onnxruntime"  # onnxruntime | torch
+    backbone: str = ""  # backbone dir; "" = the shipped tiny backbone
+    episodes: int = 10  # per task
+    seed_offset: int = DEFAULT_SEED_OFFSET
+    tasks: tuple[str, ...] = ()  # () = all tasks
+    workers: int = 1
+    max_steps: int = 200  # control steps per episode before it counts as a failure
+    execute_steps: int = 4  # chunk waypoints executed before re-planning (receding horizon)
+    gif: bool = True  # keep frames of each task's first episode for a GIF
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("onnxruntime", "torch"):
+            raise ValueError(f"EvalConfig.backend must be onnxruntime or torch, got {self.backend!r}")
+        if self.episodes < 1:
+            raise ValueError(f"EvalConfig.episodes must be >= 1, got {self.episodes}")
+        if self.seed_offset < 0:
+            raise ValueError(f"EvalConfig.seed_offset must be >= 0, got {self.seed_offset}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"EvalConfig.workers must be in [1, {MAX_WORKERS}], got {self.workers}")
+        if self.max_steps < 1 or self.execute_steps < 1:
+            raise ValueError(f"EvalConfig.max_steps / execute_steps must be >= 1, got {self.max_steps}/{self.execute_steps}")
+
+
+@dataclass
+class EvalReport:
+    policy: str
+    backend: str
+    mean_success: float
+    success: dict[str, float]  # task -> success rate
+    episodes: dict[str, list[dict]]  # task -> [{seed, success, steps, instruction}]
+    seeds: dict[str, list[int]]
+    act_ms_p50: float  # agent.act(): backbone + head
+    act_ms_p99: float
+    head_us_p50: float  # head inference only
+    head_us_p99: float
+    backbone_ms_p50: float
+    seconds: float
+    config: dict = field(default_factory=dict)
+    gifs: dict[str, list] = field(default_factory=dict)  # task -> frames (not serialised)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("gifs")
+        return d
+
+
+# ----------------------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(config: EvalConfig, threads: int | None = 1) -> None:
+    """Build this process's env, backbone and head once (spawned workers, or in-process)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.sim import SimConfig, TaskEnv
+
+    agent = VLAAgent.load(config.policy or None, backend=config.backend, backbone_path=config.backbone or None)
+    sim = SimConfig(control_dt_s=float(agent.policy.config.dt_s))
+    _WORKER.update(env=TaskEnv(sim), agent=agent, config=config)
+
+
+def _run_job(job: tuple[str, int, bool]) -> dict:
+    from m2vla_core.evaluation.rollout import RolloutConfig, run_episode
+
+    task, seed, keep_frames = job
+    env, agent, config = _WORKER["env"], _WORKER["agent"], _WORKER["config"]
+    n_head = len(agent.head_ms)
+    n_bb = len(agent.backbone_ms)
+    rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
+                            frame_every=2)
+    outcome = run_episode(env, agent, task, seed, rollout)
+    frames = [_small(f) for f in outcome.frames] if keep_frames else []
+    return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
+            "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
+            "backbone_ms": agent.backbone_ms[n_bb:], "frames": frames}
+
+
+def _small(frame: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((GIF_SIZE_PX, GIF_SIZE_PX), Image.Resampling.BILINEAR))
+
+
+# ----------------------------------------------------------------------------- driver
+def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalReport:
+    """Roll out every (task, seed) and aggregate; workers > 1 uses spawned processes."""
+    from tqdm import tqdm
+
+    from m2vla_core.sim.tasks import parse_task_list, task_names
+
+    tasks = list(config.tasks) or task_names()
+    tasks = parse_task_list(",".join(tasks))
+    jobs = [(task, config.seed_offset + i, config.gif and i == 0) for task in tasks for i in range(config.episodes)]
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    bar = tqdm(total=len(jobs), unit="ep", desc="eval", disable=not progress, dynamic_ncols=True)
+    try:
+        if config.workers == 1:
+            _init_worker(config, threads=None)
+            for job in jobs:
+                results.append(_run_job(job))
+                bar.update(1)
+                bar.set_postfix(ok=sum(r["success"] for r in results), refresh=False)
+        else:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(config, 1)) as pool:
+                for result in pool.map(_run_job, jobs):
+                    results.append(result)
+                    bar.update(1)
+                    bar.set_postfix(ok=sum(r["success"] for r in results), refresh=False)
+    finally:
+        bar.close()
+        env = _WORKER.pop("env", None)
+        if env is not None:
+            env.close()
+        _WORKER.clear()
+    return _aggregate(config, tasks, results, time.perf_counter() - t0)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _aggregate(config: EvalConfig, tasks: list[str], results: list[dict], seconds: float) -> EvalReport:
+    from m2vla_core.assets_paths import default_policy_path
+
+    by_task = {t: [r for r in results if r["task"] == t] for t in tasks}
+    success = {t: float(np.mean([r["success"] for r in rs])) for t, rs in by_task.items()}
+    act = [x for r in results for x in r["act_ms"]]
+    head = [x for r in results for x in r["head_ms"]]
+    bb = [x for r in results for x in r["backbone_ms"]]
+    return EvalReport(
+        policy=config.policy or str(default_policy_path()), backend=config.backend,
+        mean_success=float(np.mean(list(success.values()))), success=success,
+        episodes={t: [{k: r[k] for k in ("seed", "success", "steps", "instruction")} for r in rs]
+                  for t, rs in by_task.items()},
+        seeds={t: [r["seed"] for r in rs] for t, rs in by_task.items()},
+        act_ms_p50=_pct(act, 50), act_ms_p99=_pct(act, 99), head_us_p50=_pct(head, 50) * 1e3,
+        head_us_p99=_pct(head, 99) * 1e3, backbone_ms_p50=_pct(bb, 50), seconds=seconds, config=asdict(config),
+        gifs={r["task"]: r["frames"] for r in results if r["frames"]})
+
+
+def format_table(report: EvalReport) -> str:
+    lines = [f"{'task':<16}{'success':>9}{'episodes':>10}", "-" * 35]
+    for task, rate in report.success.items():
+        lines.append(f"{task:<16}{rate * 100:>8.0f}%{len(report.episodes[task]):>10}")
+    lines.append("-" * 35)
+    lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
+    lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
+                 f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    return "\n".join(lines)
+
+
+def plot_success(success: dict[str, float], path: str | os.PathLike, title: str = "success rate") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    names = list(success)
+    ax.bar(names, [success[n] * 100 for n in names], color="#4c72b0")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("success [%]")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_gif(frames: list[np.ndarray], path: str | os.PathLike, frame_dt_s: float = 0.2) -> None:
+    from PIL import Image
+
+    if not frames:
+        return
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(frame_dt_s * 1e3), loop=0)
+
+
+def write_outputs(report: EvalReport, out_dir: str | os.PathLike | None, json_path: str | os.PathLike | None) -> None:
+    payload = json.dumps(report.to_json(), indent=2) + "\n"
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(payload, encoding="utf-8")
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(payload, encoding="utf-8")
+        plot_success(report.success, out / "success.png",
+                     title=f"{Path(report.policy).name}: mean {report.mean_success * 100:.1f}%")
+        for task, frames in report.gifs.items():
+            save_gif(frames, out / f"{task}.gif")
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="m2vla eval", description=__doc__.splitlines()[0])
+    p.add_argument("--policy", default="", help="head checkpoint dir (default: the shipped policy)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--backbone", default="", help="backbone dir (default: the shipped tiny backbone)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    p.add_argument("--seed-offset", type=int, default=DEFAULT_SEED_OFFSET,
+                   help="first seed of every task (training data uses 0..; keep them disjoint)")
+    p.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
+    p.add_argument("--workers", type=int, default=1, help=f"worker processes (1..{MAX_WORKERS})")
+    p.add_argument("--max-steps", type=int, default=200, help="control steps per episode")
+    p.add_argument("--execute-steps", type=int, default=4, help="chunk waypoints executed before re-planning")
+    p.add_argument("--json", default="", help="write the JSON report here")
+    p.add_argument("--out", default="", help="directory for eval.json, success.png and one GIF per task")
+    p.add_argument("--no-gif", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from m2vla_core.sim.tasks import parse_task_list
+
+        config = EvalConfig(policy=args.policy, backend=args.backend, backbone=args.backbone, episodes=args.episodes,
+                            seed_offset=args.seed_offset, tasks=tuple(parse_task_list(args.tasks)),
+                            workers=args.workers, max_steps=args.max_steps, execute_steps=args.execute_steps,
+                            gif=not args.no_gif and bool(args.out))
+        report = evaluate(config, progress=not args.no_progress)
+        write_outputs(report, args.out or None, args.json or None)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"m2vla eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    return 0

@@ -1,0 +1,117 @@
+"""record -> features -> train -> export -> eval -> ablate, end to end on a few episodes (CPU, CI budget).
+
+Success rates of such a tiny run mean nothing; what is checked is that every stage consumes
+what the previous one wrote, that evaluation seeds stay disjoint from training seeds, and
+that every report carries the keys users and scripts read.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from m2vla_core.backbone.cli import FeaturesConfig, build_feature_dataset, features_main, future_chunks
+from m2vla_core.evaluation.ablate import cli_main as ablate_main
+from m2vla_core.evaluation.cli import DEFAULT_SEED_OFFSET, EvalConfig, eval_main
+from m2vla_core.sim.record import cli_main as record_main
+from m2vla_core.training.cli import train_main
+from m2vla_core.training.feature_dataset import FeatureDataset
+
+TASKS = "reach_above,push_to_zone"
+SMALL = ["--image-tokens", "16", "--text-tokens", "8", "--layers", "2,4,6", "--chunk-len", "8"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data, feats, ckpt = root / "data", root / "features", root / "ckpt"
+    assert record_main(["--out", str(data), "--tasks", TASKS, "--episodes-per-task", "2", "--image-size", "64",
+                        "--no-progress"]) == 0
+    cache = root / "cache"
+    assert features_main(["--data", str(data), "--out", str(feats), "--cache", str(cache), "--no-progress",
+                          *SMALL]) == 0
+    assert train_main(["--data", str(feats), "--out", str(ckpt), "--steps", "40", "--batch-size", "16",
+                       "--no-progress"]) == 0
+    from m2vla_core.export.cli import export_main
+
+    assert export_main([str(ckpt)]) == 0
+    return {"root": root, "data": data, "features": feats, "ckpt": ckpt, "cache": cache}
+
+
+def test_future_chunks_repeat_the_final_action_past_the_episode_end():
+    actions = np.arange(12, dtype=np.float32).reshape(4, 3)  # (T=4, A=3)
+    chunks = future_chunks(actions, 3)  # (4, 3, 3)
+    assert chunks.shape == (4, 3, 3)
+    np.testing.assert_array_equal(chunks[0], actions[0:3])
+    np.testing.assert_array_equal(chunks[3], np.stack([actions[3]] * 3))
+
+
+def test_features_config_rejects_unsorted_layers_and_short_chunks():
+    with pytest.raises(ValueError, match="layers"):
+        FeaturesConfig(layers=(4, 2))
+    with pytest.raises(ValueError, match="chunk_len"):
+        FeaturesConfig(chunk_len=1)
+
+
+def test_feature_dataset_has_one_sample_per_recorded_frame(pipeline):
+    from m2vla_core.sim.lerobot_io import load_lerobot_episodes
+
+    frames = sum(len(ep) for ep in load_lerobot_episodes(pipeline["data"]))
+    dataset = FeatureDataset(pipeline["features"])
+    assert len(dataset) == frames
+    assert dataset.meta.contract.layers == (2, 4, 6)
+    assert dataset.meta.chunk_len == 8
+
+
+def test_second_features_run_is_served_from_the_disk_cache(pipeline, tmp_path):
+    summary = build_feature_dataset(pipeline["data"], tmp_path / "again",
+                                    FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8,
+                                                   chunk_len=8), cache_dir=pipeline["cache"], progress=False)
+    assert summary["computed"] == 0 and summary["cached"] == summary["samples"] > 0
+
+
+def test_eval_writes_json_table_chart_and_gif_on_held_out_seeds(pipeline, capsys):
+    out = pipeline["root"] / "eval"
+    json_path = pipeline["root"] / "eval.json"
+    assert eval_main(["--policy", str(pipeline["ckpt"]), "--episodes", "1", "--tasks", "reach_above",
+                      "--max-steps", "8", "--json", str(json_path), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(json_path.read_text())
+    assert 0.0 <= report["mean_success"] <= 1.0
+    assert set(report["success"]) == {"reach_above"}
+    assert report["seeds"]["reach_above"] == [DEFAULT_SEED_OFFSET]  # disjoint from record's seeds 0..
+    assert report["act_ms_p50"] > 0 and report["head_us_p50"] > 0
+    assert (out / "success.png").stat().st_size > 0 and (out / "reach_above.gif").stat().st_size > 0
+    assert "reach_above" in capsys.readouterr().out
+
+
+def test_eval_seed_offset_moves_the_whole_seed_range(pipeline, tmp_path):
+    json_path = tmp_path / "eval.json"
+    assert eval_main(["--policy", str(pipeline["ckpt"]), "--episodes", "2", "--tasks", "push_to_zone",
+                      "--seed-offset", "5000", "--max-steps", "4", "--json", str(json_path), "--no-progress"]) == 0
+    assert json.loads(json_path.read_text())["seeds"]["push_to_zone"] == [5000, 5001]
+
+
+def test_eval_refuses_a_missing_policy_with_a_clear_error(tmp_path, capsys):
+    assert eval_main(["--policy", str(tmp_path / "nope"), "--episodes", "1", "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_eval_config_rejects_more_workers_than_cores():
+    with pytest.raises(ValueError, match="workers"):
+        EvalConfig(workers=64)
+
+
+def test_ablate_writes_a_row_per_variant(pipeline):
+    out = pipeline["root"] / "ablation"
+    assert ablate_main(["--features", str(pipeline["features"]), "--out", str(out), "--variants", "last+mlp,mol+msm",
+                        "--steps", "10", "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",
+                        "--bench-iters", "20", "--no-progress"]) == 0
+    table = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["last+mlp", "mol+msm"]
+    for row in table["rows"]:
+        assert row["trainable_params"] > 0 and row["head_us_p50_onnxruntime"] > 0
+        assert set(row["success"]) == {"reach_above"}
+    markdown = (out / "ablation.md").read_text()
+    assert "| last+mlp |" in markdown and "| mol+msm |" in markdown
