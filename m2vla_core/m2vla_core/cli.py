@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("m2vla_core.evaluation.cli:eval_main", "closed-loop evaluation in the PyBullet suite"),
     "ablate": ("m2vla_core.evaluation.ablate:cli_main", "train + evaluate the ablation variants"),
     "bench": ("m2vla_core.bench.cli:bench_main", "benchmarks: head, backbone, text actions, ..."),
+    "pack": ("m2vla_core.packs.cli:pack_main", "skill packs: train per task family, combine with a router, eval"),
+    "text-baseline": ("m2vla_core.baselines.cli:text_baseline_main", "VLM2VLA-style actions-as-text LoRA baseline"),
     "bringup": ("m2vla_core.rosenv:ros_subcommand:bringup", "start the ROS node graph (no ros2 launch needed)"),
     "demo": ("m2vla_core.rosenv:ros_subcommand:demo", "headless sim demo through the real ROS graph"),
     "soak": ("m2vla_core.rosenv:ros_subcommand:soak", "load / soak test of the running graph"),

@@ -41,8 +41,13 @@ class VLAAgent:
         if backbone is None:
             backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device)
         ckpt = Path(checkpoint) if checkpoint else default_policy_path()
-        policy = HeadPolicy.load(ckpt, backend=backend, device=device,
-                                 backbone=(backbone.backbone_id, backbone.weights_digest))
+        if (ckpt / "packs.json").is_file():  # a routed set of skill packs (m2vla pack combine)
+            from m2vla_core.packs import PackedPolicy
+
+            policy = PackedPolicy.load(ckpt, backend=backend, device=device)
+        else:
+            policy = HeadPolicy.load(ckpt, backend=backend, device=device,
+                                     backbone=(backbone.backbone_id, backbone.weights_digest))
         return cls(backbone, policy)
 
     @property

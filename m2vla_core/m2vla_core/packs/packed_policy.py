@@ -1,0 +1,259 @@
+"""Combine packs into one policy (no retraining of any pack) and run it with the router.
+
+``PackedPolicy`` has the ``HeadPolicy`` interface (``config``, ``reset``, ``infer``), so the
+policy engine, the ROS node and the evaluation agent run it unchanged. Per episode it routes
+once, on the first observation after ``reset``; the chosen pack then acts until the next
+reset. A route whose probability is below ``min_confidence`` is a refusal: ``infer`` returns
+None for the rest of the episode and ``refusal_reason`` says why (the controller holds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2vla_core.config_io import ConfigError, load_json, save_json
+from m2vla_core.heads.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_head_config
+from m2vla_core.heads.configuration_head import HeadConfig
+from m2vla_core.heads.policy_head import ContractError
+from m2vla_core.packs.configuration_packs import (PACK_INFO_NAME, PACK_SET_NAME, PACKS_DIR, ROUTER_DIR,
+                                                  ROUTER_EXAMPLES_NAME, PackInfo, PackRef, PackSetConfig, RouterConfig,
+                                                  RouterTrainConfig)
+from m2vla_core.packs.pack import load_pack_info, load_router_examples
+from m2vla_core.packs.router import TaskRouter, load_router, pool_features, save_router, train_router
+
+SHARED_FIELDS = ("contract", "state_dim", "action_space", "action_dim", "chunk_len", "dt_s", "backbone_id",
+                 "backbone_digest", "state_names", "action_names")
+PACK_FILES = (CONFIG_NAME, WEIGHTS_NAME, "model.onnx", PACK_INFO_NAME, ROUTER_EXAMPLES_NAME)
+
+
+def check_shared_interface(configs: dict[str, HeadConfig]) -> HeadConfig:
+    """All packs must read the same features and state and emit the same actions; -> the first config."""
+    names = list(configs)
+    first = configs[names[0]]
+    for name in names[1:]:
+        for f in SHARED_FIELDS:
+            a, b = getattr(first, f), getattr(configs[name], f)
+            if a != b:
+                raise CheckpointError(f"packs {names[0]!r} and {name!r} differ in {f} ({a!r} vs {b!r}); packs of one "
+                                      f"policy must share the feature contract, state, action space and backbone")
+    return first
+
+
+@dataclass
+class CombineReport:
+    out: Path
+    packs: dict[str, tuple[str, ...]]  # name -> tasks
+    router_val_accuracy: float  # held-out episodes of the packs' own router examples
+    router_train_accuracy: float
+    router_parameters: int
+    num_examples: int
+    layer_weights: list[float] = field(default_factory=list)
+
+
+def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: float = 0.8,
+                  router_train: RouterTrainConfig | None = None, router_hidden: int = 64,
+                  overwrite: bool = False) -> CombineReport:
+    """Copy packs into a self-contained pack set and train its router from their examples.
+
+    Refuses packs that do not share the feature contract / state / action interface, duplicate
+    pack names, and two packs claiming the same task (the router could not tell them apart).
+    """
+    pack_dirs = [Path(p) for p in pack_dirs]
+    if not pack_dirs:
+        raise ValueError("combine_packs: give at least one pack")
+    infos: dict[str, PackInfo] = {}
+    configs: dict[str, HeadConfig] = {}
+    dirs: dict[str, Path] = {}
+    for d in pack_dirs:
+        info = load_pack_info(d)
+        if info.name in infos:
+            raise ValueError(f"two packs are named {info.name!r} ({dirs[info.name]} and {d})")
+        for other, oinfo in infos.items():
+            shared = sorted(set(info.tasks) & set(oinfo.tasks))
+            if shared:
+                raise ValueError(f"packs {other!r} and {info.name!r} both claim tasks {shared}")
+        infos[info.name], configs[info.name], dirs[info.name] = info, load_head_config(d), d
+    shared = check_shared_interface(configs)
+    names = tuple(infos)
+    xs, ys, eps = [], [], []
+    for label, name in enumerate(names):
+        ex = load_router_examples(dirs[name])
+        want = (len(shared.contract.layers), 2, shared.contract.width)
+        if tuple(ex["pooled"].shape[1:]) != want:
+            raise CheckpointError(f"{dirs[name]}: router examples shaped {tuple(ex['pooled'].shape)}, expected (N, *{want})")
+        xs.append(ex["pooled"])
+        ys.append(np.full(len(ex["pooled"]), label))
+        eps.append(ex["episode_index"].numpy() + label * 1_000_000)  # episode ids are per dataset: keep them apart
+    rcfg = RouterConfig(pack_names=names, num_layers=len(shared.contract.layers), width=shared.contract.width,
+                        num_image_tokens=shared.contract.num_image_tokens, hidden=router_hidden)
+    fit = train_router(rcfg, torch.cat(xs), np.concatenate(ys), np.concatenate(eps), router_train)
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: not empty; pass overwrite=True (--overwrite) to replace it")
+        if not (out / PACK_SET_NAME).is_file():
+            raise FileExistsError(f"{out}: not empty and not a pack set; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        refs = []
+        for name in names:
+            dst = tmp / PACKS_DIR / name
+            dst.mkdir(parents=True)
+            for fname in PACK_FILES:
+                if (dirs[name] / fname).is_file():
+                    shutil.copy2(dirs[name] / fname, dst / fname)
+            refs.append(PackRef(name=name, path=f"{PACKS_DIR}/{name}"))
+        save_router(fit.router, tmp / ROUTER_DIR)
+        save_json(PackSetConfig(packs=tuple(refs), min_confidence=min_confidence), tmp / PACK_SET_NAME)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CombineReport(out=out, packs={n: infos[n].tasks for n in names}, router_val_accuracy=fit.val_accuracy,
+                         router_train_accuracy=fit.train_accuracy, router_parameters=fit.router.num_parameters(),
+                         num_examples=fit.num_train + fit.num_val, layer_weights=fit.router.layer_weights().tolist())
+
+
+def load_pack_set_config(path: str | os.PathLike) -> PackSetConfig:
+    file = Path(path) / PACK_SET_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {PACK_SET_NAME}; not a pack set (make one with `m2vla pack combine`)")
+    try:
+        return load_json(PackSetConfig, file)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
+
+
+class PackedPolicy:
+    """Several packs + a router behind ``HeadPolicy``'s interface; refuses when unsure."""
+
+    def __init__(self, packs: dict, router: TaskRouter, set_config: PackSetConfig,
+                 pack_infos: dict[str, PackInfo] | None = None, path: str = "") -> None:
+        names = set_config.pack_names
+        if tuple(packs) != names:
+            raise CheckpointError(f"packs {tuple(packs)} do not match {PACK_SET_NAME} {names}")
+        if tuple(router.config.pack_names) != names:
+            raise CheckpointError(f"router was trained for packs {router.config.pack_names}, the set has {names}; "
+                                  "re-run `m2vla pack combine`")
+        self.config: HeadConfig = check_shared_interface({n: p.config for n, p in packs.items()})
+        c = self.config.contract
+        rc = router.config
+        if (rc.num_layers, rc.width, rc.num_image_tokens) != (len(c.layers), c.width, c.num_image_tokens):
+            raise CheckpointError(f"router reads (layers, width, image tokens) = {(rc.num_layers, rc.width, rc.num_image_tokens)}, "
+                                  f"packs' contract has {(len(c.layers), c.width, c.num_image_tokens)}")
+        self.packs = packs
+        self.router = router
+        self.set_config = set_config
+        self.pack_infos = pack_infos or {}
+        self.path = path
+        self.min_confidence = float(set_config.min_confidence)
+        self.forced_pack = ""  # set when the task is named: the router is skipped
+        self.reset()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu", *,
+             backbone: tuple[str, str] | None = None, threads: int = 1) -> "PackedPolicy":
+        from m2vla_core.export.runtime import HeadPolicy
+
+        root = Path(path)
+        set_config = load_pack_set_config(root)
+        packs, infos = {}, {}
+        for ref in set_config.packs:
+            pack_dir = root / ref.path
+            infos[ref.name] = load_pack_info(pack_dir)
+            if infos[ref.name].name != ref.name:
+                raise CheckpointError(f"{pack_dir}: pack.json names {infos[ref.name].name!r}, {PACK_SET_NAME} says {ref.name!r}")
+            packs[ref.name] = HeadPolicy.load(pack_dir, backend=backend, device=device, backbone=backbone, threads=threads)
+        return cls(packs, load_router(root / set_config.router), set_config, infos, str(root))
+
+    # -- state per episode --------------------------------------------------------------------
+    @property
+    def pack_names(self) -> tuple[str, ...]:
+        return self.set_config.pack_names
+
+    def pack_for_task(self, task: str) -> str:
+        """The pack whose pack.json lists ``task`` ('' if none)."""
+        for name, info in self.pack_infos.items():
+            if task in info.tasks:
+                return name
+        return ""
+
+    def force_pack(self, name: str) -> None:
+        """Use pack ``name`` whatever the observation (the task is named); '' restores routing."""
+        if name and name not in self.packs:
+            raise KeyError(f"unknown pack {name!r}; this set has {self.pack_names}")
+        self.forced_pack = name
+        self.reset()
+
+    def reset(self) -> None:
+        self.routed_pack = ""
+        self.route_confidence = 0.0
+        self.route_probabilities: dict[str, float] = {}
+        self.refusal_reason = ""
+        self._refused = False
+        for p in getattr(self, "packs", {}).values():
+            p.reset()
+
+    # -- routing ------------------------------------------------------------------------------
+    def route(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
+        """(best pack, its probability, all probabilities) for one observation; pure (no state change)."""
+        pooled = pool_features(np.asarray(hidden, dtype=np.float32), np.asarray(mask, dtype=bool),
+                               self.config.contract.num_image_tokens)  # (L, 2, D)
+        probs = self.router.probabilities(pooled.unsqueeze(0))[0].numpy()  # (n_packs,)
+        best = int(np.argmax(probs))
+        return self.pack_names[best], float(probs[best]), {n: float(p) for n, p in zip(self.pack_names, probs)}
+
+    def _check(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> None:
+        cfg = self.config
+        if hidden.shape != cfg.contract.shape:
+            raise ContractError(f"features shaped {hidden.shape}, packs expect (n_layers, T, D) = {cfg.contract.shape}")
+        if mask.shape != (cfg.contract.num_tokens,):
+            raise ContractError(f"mask shaped {mask.shape}, packs expect ({cfg.contract.num_tokens},)")
+        if state.shape != (cfg.state_dim,):
+            raise ContractError(f"state shaped {state.shape}, packs expect ({cfg.state_dim},)")
+        if not (np.isfinite(hidden).all() and np.isfinite(state).all()):
+            raise ContractError("features or state contain NaN / inf")
+
+    def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> np.ndarray | None:
+        """features (L, T, D), mask (T,), state (S,) -> chunk (H, A) of the routed pack, or None (refusal)."""
+        hidden = np.asarray(hidden, dtype=np.float32)
+        mask = np.asarray(mask)
+        state = np.asarray(state, dtype=np.float32)
+        self._check(hidden, mask, state)
+        if self._refused:
+            return None
+        if not self.routed_pack:
+            if self.forced_pack:
+                self.routed_pack, self.route_confidence = self.forced_pack, 1.0
+            else:
+                name, conf, probs = self.route(hidden, mask)
+                self.route_probabilities = probs
+                self.route_confidence = conf
+                if conf < self.min_confidence:
+                    self._refused = True
+                    self.refusal_reason = (f"task router is not confident: best pack {name!r} at p={conf:.2f} < "
+                                           f"min_confidence {self.min_confidence:.2f}; refusing to act this episode")
+                    return None
+                self.routed_pack = name
+        return self.packs[self.routed_pack].infer(hidden, mask, state)
+
+
+def with_min_confidence(path: str | os.PathLike, min_confidence: float) -> None:
+    """Rewrite a pack set's refusal threshold in place (no retraining)."""
+    file = Path(path) / PACK_SET_NAME
+    cfg = replace(load_pack_set_config(path), min_confidence=min_confidence)
+    tmp = file.with_name(file.name + ".tmp")
+    save_json(cfg, tmp)
+    os.replace(tmp, file)
