@@ -23,8 +23,14 @@ class PerceptionConfig:
     cache_bytes: int = 64 << 20  # in-process LRU bound [B]; 0 disables the cache
     stop_at_deepest_layer: bool = True
     reuse_instruction: bool = True
+    min_image_side_px: int = 8  # smaller frames carry no usable content: refused, not upscaled
+    max_aspect_ratio: float = 20.0  # frames more elongated than this are refused (a sensor/driver fault)
 
     def __post_init__(self) -> None:
+        if self.min_image_side_px < 1:
+            raise ValueError(f"PerceptionConfig.min_image_side_px must be >= 1, got {self.min_image_side_px}")
+        if not self.max_aspect_ratio >= 1.0:
+            raise ValueError(f"PerceptionConfig.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"PerceptionConfig.device must be cpu or cuda[:N], got {self.device!r}")
         if self.cache_bytes < 0:
@@ -69,10 +75,26 @@ class PerceptionEngine:
             raise ValueError(f"head was trained on backbone digest {expected_digest[:12]}…, this backbone is "
                              f"{self.backbone_digest[:12]}…")
 
+    def check_image(self, rgb: np.ndarray) -> None:
+        """Raise ValueError ("bad_image: ...") unless ``rgb`` is a usable (H, W, 3) uint8 frame.
+
+        The backbone resizes any frame to its square input, so a 1x1 or a 1x4000 frame would
+        be "valid" yet meaningless; it is refused here, at the boundary, and counted.
+        """
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"bad_image: expected an (H, W, 3) uint8 array, got "
+                             f"{getattr(rgb, 'shape', None)} {getattr(rgb, 'dtype', type(rgb).__name__)}")
+        h, w = int(rgb.shape[0]), int(rgb.shape[1])
+        if min(h, w) < self.config.min_image_side_px:
+            raise ValueError(f"bad_image: {w}x{h} frame is smaller than {self.config.min_image_side_px} px on a side")
+        if max(h, w) > self.config.max_aspect_ratio * min(h, w):
+            raise ValueError(f"bad_image: {w}x{h} frame is more elongated than {self.config.max_aspect_ratio:g}:1")
+
     def extract(self, rgb: np.ndarray, instruction: str, contract: FeatureContract) -> tuple[FeatureBundle, float]:
         """(bundle, compute_ms); compute_ms is 0.0 on a cache hit."""
         if self.backbone is None:
             raise RuntimeError("PerceptionEngine.load() has not run")
+        self.check_image(rgb)
         self.check_contract(contract)
         key = None
         if self.cache is not None:

@@ -10,11 +10,15 @@ trajectory_msgs/JointTrajectory with one point ``trajectory_lookahead_s`` ahead 
 
 Holds on e-stop (latched until ``False`` or ``~/reset``), stale/missing chunks or joint
 states and bad data; every rejection is logged (throttled) and counted in
-/m2vla/controller_status and /diagnostics.
+/m2vla/controller_status and /diagnostics. Every callback is guarded: an unexpected exception
+is counted as an ``<input>:internal`` rejection and the node keeps streaming (holding).
+A restarted controller holds the *measured* joint state until a chunk arrives (it has no
+command history), so it never replays a stale command.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -36,7 +40,7 @@ from m2vla_core.control import (
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
-from m2vla_ros.conversions import array_to_joint_state, joint_state_to_array, msg_to_chunk
+from m2vla_ros.conversions import INTERNAL, array_to_joint_state, joint_state_to_array, msg_to_chunk, short
 from m2vla_ros.params import declare_parameters
 
 OUTPUTS = ("sim", "joint_trajectory")
@@ -56,6 +60,8 @@ PARAMETERS = {
     "velocity_limit": (list(PANDA_LIMITS.velocity), "[rad/s | m/s] max speed per joint"),
     "acceleration_limit": (list(PANDA_LIMITS.acceleration), "[rad/s^2 | m/s^2] max acceleration per joint"),
     "command_rate_hz": (250.0, "[Hz] command stream rate", (1.0, 1000.0)),
+    "realtime_priority": (0, "SCHED_FIFO priority of the command thread, 0 = normal scheduling "
+                             "(needs CAP_SYS_NICE or an rtprio limit)", (0, 99)),
     "interpolation": ("cubic", "between waypoints: linear | cubic"),
     "blend_s": (0.1, "[s] cross-fade from the commanded position into a new chunk", (0.0, 5.0)),
     "max_chunk_age_s": (1.0, "[s] refuse chunks whose observation is older on arrival", (0.001, 60.0)),
@@ -96,13 +102,15 @@ class ControllerNode(Node):
         self.status_pub = self.create_publisher(ControllerStatus, "/m2vla/controller_status", qos.STATUS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
         # Callbacks run on one executor thread and only hand data over; the command loop below owns timing.
-        self.create_subscription(ActionChunk, "/m2vla/action_chunk", self._on_chunk, qos.CHUNKS)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos.SENSOR)
-        self.create_subscription(Bool, "/m2vla/estop", self._on_estop, qos.ESTOP)
-        self.create_service(Stop, "~/stop", self._on_stop)
-        self.create_service(Reset, "~/reset", self._on_reset)
-        self.create_timer(1.0 / float(self.p["status_rate_hz"]), self._on_status_timer)
-        self.create_timer(1.0, self._publish_diagnostics)
+        guard = self._guard
+        self.create_subscription(ActionChunk, "/m2vla/action_chunk", guard("chunk", self._on_chunk), qos.CHUNKS)
+        self.create_subscription(JointState, "/joint_states", guard("joint_state", self._on_joint_state), qos.SENSOR)
+        # an e-stop that cannot be parsed (cannot happen with std_msgs/Bool) still engages it
+        self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop, self._estop_fallback), qos.ESTOP)
+        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, _failed_response))
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_response))
+        self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._on_status_timer))
+        self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
 
         self._stop_loop = threading.Event()
         self._loop_thread = threading.Thread(target=self._loop, name="command-loop", daemon=True)
@@ -141,6 +149,25 @@ class ControllerNode(Node):
         return lambda q: kinematics.end_effector_positions(np.asarray(q)[None, :7])[0]  # (A,) -> (3,)
 
     # -- inputs -------------------------------------------------------------------------------
+    def _guard(self, what: str, callback, fallback=None):
+        """``callback`` that never raises out of the executor (which would end the node)."""
+
+        def guarded(*args):
+            try:
+                return callback(*args)
+            except Exception as exc:  # noqa: BLE001 - one odd message must not stop the command stream
+                reason = short(f"{INTERNAL}: {type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.streamer.reject(what, reason)
+                self.get_logger().error(f"{what} callback failed: {reason}", throttle_duration_sec=1.0)
+                return fallback(*args) if fallback is not None else None
+
+        return guarded
+
+    def _estop_fallback(self, _msg) -> None:
+        with self._lock:
+            self.streamer.set_estop(True, time.monotonic())
+
     def _observation_monotonic(self, stamp_ns: int) -> float:
         """Map a ROS-clock stamp onto the monotonic clock through its age now."""
         age_s = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
@@ -152,7 +179,7 @@ class ControllerNode(Node):
         except ValueError as exc:  # ConversionError and anything else malformed
             with self._lock:
                 self.streamer.reject("chunk", str(exc))
-            self.get_logger().warning(f"chunk #{msg.sequence_id} refused: {exc}", throttle_duration_sec=1.0)
+            self.get_logger().warning(f"chunk #{msg.sequence_id} refused: {short(exc)}", throttle_duration_sec=1.0)
             return
         chunk = Chunk(fields.values, fields.dt_s, self._observation_monotonic(fields.observation_stamp_ns),
                       fields.sequence_id)
@@ -167,7 +194,7 @@ class ControllerNode(Node):
         except ValueError as exc:  # ConversionError and anything else malformed
             with self._lock:
                 self.streamer.reject("joint_state", str(exc))
-            self.get_logger().warning(f"joint state refused: {exc}", throttle_duration_sec=1.0)
+            self.get_logger().warning(f"joint state refused: {short(exc)}", throttle_duration_sec=1.0)
             return
         with self._lock:
             reason = self.streamer.update_joint_state(positions, time.monotonic())
@@ -201,7 +228,20 @@ class ControllerNode(Node):
         return response
 
     # -- command loop -------------------------------------------------------------------------
+    def _enter_realtime(self) -> None:
+        """SCHED_FIFO for this (the command) thread only: late wake-ups, not compute, cause jitter."""
+        priority = int(self.p["realtime_priority"])
+        if priority <= 0:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))  # 0 = the calling thread
+            self.get_logger().info(f"command thread runs SCHED_FIFO priority {priority}")
+        except (PermissionError, OSError, AttributeError) as exc:
+            self.get_logger().warning(f"realtime_priority {priority} refused ({exc}); command thread keeps normal "
+                                      "scheduling: grant CAP_SYS_NICE or an rtprio limit for on-time ticks")
+
     def _loop(self) -> None:
+        self._enter_realtime()
         period = self.config.period_s
         next_s = time.monotonic()
         last_state = None
@@ -299,6 +339,15 @@ class ControllerNode(Node):
         if self._loop_thread.is_alive():
             self._loop_thread.join(timeout=2.0)
         super().destroy_node()
+
+
+def _failed_response(_request, response):
+    """What a guarded service answers when its handler raised."""
+    response.success = False
+    response.message = "internal error; see the node log and /diagnostics"
+    if hasattr(response, "error_code"):
+        response.error_code = getattr(type(_request), "FAILED", 0)
+    return response
 
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # default 5 ms: the command thread would wait that long for the GIL

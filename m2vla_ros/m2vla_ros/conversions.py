@@ -11,9 +11,13 @@ FeatureContract/FeatureBundle helpers import ``m2vla_core.features`` lazily.
 from __future__ import annotations
 
 import array
+import functools
 import math
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -28,6 +32,84 @@ class ConversionError(ValueError):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
+
+
+# ---------------------------------------------------------------------------------- rejections
+INTERNAL = "internal"  # code of an unexpected exception in a callback (a bug, still never a crash)
+MAX_REASON_CHARS = 300  # log lines and diagnostics never echo a 1 MB input back
+
+
+def short(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (with the original length when cut)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def reason_code(reason: str) -> str:
+    """``"code: detail"`` -> ``"code"`` (the whole reason when it has no code)."""
+    code = str(reason).split(":", 1)[0].strip()
+    return code if code and " " not in code and len(code) <= 40 else "invalid"
+
+
+class Rejections:
+    """Counted, rate-limited rejections of one node's inputs.
+
+    ``reject("image", "bad_encoding: ...")`` counts under ``"image:bad_encoding"`` and logs a
+    warning at most once per ``log_period_s`` per key, with how many were refused since the
+    last line; so a flood of bad messages costs a counter increment, not a log storm. Keys
+    and counts go to /diagnostics. Thread-safe (callbacks may run on several threads).
+    """
+
+    def __init__(self, logger: Any, log_period_s: float = 2.0) -> None:
+        self.logger = logger
+        self.log_period_s = float(log_period_s)
+        self.counts: Counter[str] = Counter()
+        self.last = ""
+        self._lock = threading.Lock()
+        self._last_log_s: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+
+    def reject(self, what: str, reason: object) -> None:
+        reason = short(reason)
+        key = f"{what}:{reason_code(reason)}"
+        now = time.monotonic()
+        with self._lock:
+            self.counts[key] += 1
+            self.last = f"{what} {reason}"
+            if now - self._last_log_s.get(key, -math.inf) < self.log_period_s:
+                self._unlogged[key] += 1
+                return
+            self._last_log_s[key] = now
+            suppressed = self._unlogged.pop(key, 0)
+        more = f" (+{suppressed} more since the last report)" if suppressed else ""
+        self.logger.warning(f"{what} refused: {reason}{more}")
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def guard(self, what: str, callback: Callable, fallback: Callable[..., Any] | None = None) -> Callable:
+        """``callback`` that never raises: an unexpected exception is a counted ``internal`` rejection.
+
+        rclpy re-raises callback exceptions out of ``spin()``, which would end the node; a bug
+        triggered by one odd message must cost that message, not the robot's controller.
+        ``fallback(*args)`` gives the return value in that case (a service's response).
+        """
+
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> Any:
+            try:
+                return callback(*args)
+            except Exception as exc:  # noqa: BLE001 - see docstring
+                self.reject(what, f"{INTERNAL}: {type(exc).__name__}: {exc}")
+                return fallback(*args) if fallback is not None else None
+
+        return guarded
 
 
 # ---------------------------------------------------------------------------------- time

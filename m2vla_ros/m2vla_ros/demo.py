@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
         return 2
     opts.out.mkdir(parents=True, exist_ok=True)
     results: list[EpisodeResult] = []
-    rclpy.init()
+    rclpy.init(args=[])  # our own argv is not ROS arguments
     client = DemoClient()
     executor = SingleThreadedExecutor()
     executor.add_node(client)

@@ -4,8 +4,13 @@ Subscriptions only store the newest frame / instruction / contract (newest wins,
 block); one worker thread runs the backbone when something changed: a new instruction, or a
 new frame once ``refresh_period_s`` has passed. It computes exactly the feature contract the
 policy announced on /m2vla/feature_contract (layers, tokens, dtype) and stops the VLM at the
-deepest layer the head reads. Bad input is refused with a log line and a counter in
-/diagnostics, never a crash.
+deepest layer the head reads. Bad input is refused with a rate-limited log line and a
+counter per kind in /diagnostics (``image:bad_encoding``, ``instruction:empty``, ...), never a
+crash: every callback is guarded, an unexpected exception is counted as ``<input>:internal``.
+
+Instruction ids start at the node's start time in milliseconds and increase by one per
+accepted instruction, so they keep increasing across a restart of this node (the policy and
+operators compare them: a restarted perception must not look older than the one it replaced).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_msgs.msg import FeatureContract, LayerFeatures
 from m2vla_ros import qos
-from m2vla_ros.conversions import contract_from_msg, features_to_msg, image_to_rgb
+from m2vla_ros.conversions import Rejections, contract_from_msg, features_to_msg, image_to_rgb, short
 from m2vla_ros.params import declare_parameters
 
 PARAMETERS = {
@@ -40,6 +45,7 @@ PARAMETERS = {
     "cache_bytes": (67108864, "[B] in-process feature cache bound", (0, 1 << 34)),
     "stop_at_deepest_layer": (True, "run the VLM only up to the deepest layer the head reads"),
     "reuse_instruction": (True, "reuse the instruction's computation across frames where supported"),
+    "torch_threads": (1, "CPU threads of the backbone; more starve the controller on a small machine", (1, 256)),
 }
 
 
@@ -49,6 +55,7 @@ class _Frame:
     stamp: object  # builtin_interfaces/Time
     frame_id: str
     received_s: float  # monotonic
+    used: bool = False  # the backbone ran on it (a frame replaced before that was skipped: newest wins)
 
 
 class PerceptionNode(Node):
@@ -60,22 +67,27 @@ class PerceptionNode(Node):
             stop_at_deepest_layer=bool(self.p["stop_at_deepest_layer"]),
             reuse_instruction=bool(self.p["reuse_instruction"]),
         ))
+        self.rejections = Rejections(self.get_logger())
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._frame: _Frame | None = None
         self._instruction: tuple[int, str] | None = None  # (instruction_id, text)
         self._contract = None
         self._contract_msg: FeatureContract | None = None
-        self._instruction_counter = 0
-        self.counters = {"frames": 0, "frames_rejected": 0, "instructions": 0, "instructions_rejected": 0,
-                         "contracts_rejected": 0, "features_published": 0, "backbone_errors": 0}
+        self._instruction_counter = time.time_ns() // 1_000_000  # see the module docstring
+        self.counters = {"frames": 0, "frames_rejected": 0, "frames_skipped": 0, "instructions": 0,
+                         "instructions_rejected": 0, "contracts_rejected": 0, "features_published": 0,
+                         "backbone_errors": 0}
 
         self.features_pub = self.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
-        self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.SENSOR)
-        self.create_subscription(String, "/m2vla/instruction", self._on_instruction, qos.INSTRUCTION)
-        self.create_subscription(FeatureContract, "/m2vla/feature_contract", self._on_contract, qos.LATCHED)
-        self.create_timer(1.0, self._publish_diagnostics)
+        guard = self.rejections.guard
+        self.create_subscription(Image, self.p["image_topic"], guard("image", self._on_image), qos.SENSOR)
+        self.create_subscription(String, "/m2vla/instruction", guard("instruction", self._on_instruction),
+                                 qos.INSTRUCTION)
+        self.create_subscription(FeatureContract, "/m2vla/feature_contract", guard("contract", self._on_contract),
+                                 qos.LATCHED)
+        self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
 
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="backbone-worker", daemon=True)
@@ -85,13 +97,16 @@ class PerceptionNode(Node):
     def _on_image(self, msg: Image) -> None:
         try:
             rgb = image_to_rgb(msg, max_pixels=int(self.p["max_image_pixels"]))
+            self.engine.check_image(rgb)
         except ValueError as exc:
             self.counters["frames_rejected"] += 1
-            self.get_logger().warning(f"image refused: {exc}", throttle_duration_sec=2.0)
+            self.rejections.reject("image", exc)
             return
         self.counters["frames"] += 1
         with self._lock:
-            self._frame = _Frame(rgb, msg.header.stamp, msg.header.frame_id, time.monotonic())
+            if self._frame is not None and not self._frame.used:
+                self.counters["frames_skipped"] += 1
+            self._frame = _Frame(rgb, msg.header.stamp, short(msg.header.frame_id, 256), time.monotonic())
         self._wake.set()
 
     def _on_instruction(self, msg: String) -> None:
@@ -99,22 +114,28 @@ class PerceptionNode(Node):
             text = clean_instruction(msg.data, max_bytes=int(self.p["max_instruction_bytes"]))
         except InstructionError as exc:
             self.counters["instructions_rejected"] += 1
-            self.get_logger().warning(f"instruction refused: {exc}", throttle_duration_sec=1.0)
+            self.rejections.reject("instruction", exc)
             return
         with self._lock:  # every accepted message is a new instruction id; the worker takes the newest
             self._instruction_counter += 1
             self._instruction = (self._instruction_counter, text)
         self.counters["instructions"] += 1
-        self.get_logger().info(f"instruction #{self._instruction_counter}: {text!r}")
+        self.get_logger().info(f"instruction #{self._instruction_counter}: {short(text, 200)!r}",
+                               throttle_duration_sec=0.5)  # an instruction flood must not flood the log
         self._wake.set()
 
     def _on_contract(self, msg: FeatureContract) -> None:
         try:
             contract = contract_from_msg(msg)
+        except ValueError as exc:
+            self.counters["contracts_rejected"] += 1
+            self.rejections.reject("contract", exc)
+            return
+        try:
             self.engine.check_contract(contract, msg.backbone_digest)
         except ValueError as exc:
             self.counters["contracts_rejected"] += 1
-            self.get_logger().error(f"feature contract refused: {exc}")
+            self.rejections.reject("contract", f"mismatch: {exc}")
             return
         with self._lock:
             self._contract, self._contract_msg = contract, msg
@@ -125,6 +146,10 @@ class PerceptionNode(Node):
     # -- worker -------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            if self.p["device"] == "cpu":  # intra-op threads busy-wait: bounded, so the 250 Hz loop keeps a core
+                import torch
+
+                torch.set_num_threads(int(self.p["torch_threads"]))
             self.engine.load()
             self.get_logger().info(f"backbone ready: {self.engine.backbone_id}")
         except Exception as exc:  # noqa: BLE001 - a node that cannot load its VLM reports, not crashes
@@ -137,6 +162,8 @@ class PerceptionNode(Node):
             self._wake.clear()
             with self._lock:
                 frame, instruction, contract = self._frame, self._instruction, self._contract
+                if frame is not None:
+                    frame.used = True
             if frame is None or instruction is None or contract is None:
                 continue
             if time.monotonic() - frame.received_s > float(self.p["max_image_age_s"]):
@@ -153,23 +180,28 @@ class PerceptionNode(Node):
             last_key, last_run_s = key, time.monotonic()
             try:
                 bundle, compute_ms = self.engine.extract(frame.rgb, instruction[1], contract)
-            except Exception as exc:  # noqa: BLE001
+                msg = features_to_msg(bundle, stamp=frame.stamp, frame_id=frame.frame_id,
+                                      instruction_id=instruction[0], backbone_digest=self.engine.backbone_digest,
+                                      compute_ms=compute_ms)
+                self.features_pub.publish(msg)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
+                if not self.context.ok():
+                    break  # shutting down
                 self.counters["backbone_errors"] += 1
-                self.get_logger().error(f"backbone failed: {exc}", throttle_duration_sec=2.0)
+                self.rejections.reject("backbone", f"error: {type(exc).__name__}: {exc}")
                 continue
-            msg = features_to_msg(bundle, stamp=frame.stamp, frame_id=frame.frame_id,
-                                  instruction_id=instruction[0], backbone_digest=self.engine.backbone_digest,
-                                  compute_ms=compute_ms)
-            self.features_pub.publish(msg)
             self.counters["features_published"] += 1
 
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name="m2vla_perception", hardware_id=self.engine.backbone_id or "",
                                   level=DiagnosticStatus.OK, message="ok")
-        rejected = self.counters["frames_rejected"] + self.counters["instructions_rejected"]
+        rejections = self.rejections.snapshot()
+        rejected = sum(rejections.values())
         if self.counters["backbone_errors"] or rejected:
             status.level, status.message = DiagnosticStatus.WARN, f"{rejected} inputs refused"
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in {**self.counters, **self.engine.stats()}.items()]
+        items = {**self.counters, **self.engine.stats(), **rejections, "rejected_total": rejected,
+                 "last_rejection": self.rejections.last}
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(array)

@@ -4,7 +4,13 @@ Runs on a timer at ``control_rate_hz`` and never waits on the VLM: each tick tak
 features are newest and refuses to act when they (or the joint state) are older than the
 configured ages, or when the e-stop is latched. Loading a head announces its feature contract
 on the latched /m2vla/feature_contract topic so perception computes exactly what it reads;
-``~/load_policy`` swaps heads while running.
+``~/load_policy`` swaps heads while running; a refused checkpoint (missing, pickle, truncated,
+unknown config keys, other backbone) keeps the running head and is answered with its code.
+
+Bad input never crashes the node or produces a chunk: every refusal is logged (rate-limited),
+counted in ``PolicyStatus.inputs_rejected`` and, by kind, in /diagnostics (``features:mismatch``,
+``joint_state:non_finite``, ``load_policy:invalid_checkpoint``, ...); every callback is guarded
+(an unexpected exception is an ``<input>:internal`` rejection, not a dead node).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -27,7 +34,9 @@ from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import qos
-from m2vla_ros.conversions import chunk_to_msg, contract_to_msg, joint_state_to_array, msg_to_features
+from m2vla_ros.conversions import (
+    Rejections, chunk_to_msg, contract_to_msg, joint_state_to_array, msg_to_features, short, stamp_to_ns,
+)
 from m2vla_ros.params import declare_parameters
 
 PARAMETERS = {
@@ -40,6 +49,10 @@ PARAMETERS = {
     "publish_markers": (True, "predicted end-effector path on /m2vla/predicted_path"),
     "status_rate_hz": (2.0, "[Hz] /m2vla/policy_status heartbeat", (0.1, 100.0)),
 }
+MAX_FUTURE_STAMP_S = 0.05  # [s] features stamped further ahead of this clock are refused (clock skew)
+LOAD_CODES = {LoadPolicy.Request.NOT_FOUND: "not_found", LoadPolicy.Request.INVALID_CHECKPOINT: "invalid_checkpoint",
+              LoadPolicy.Request.CONTRACT_MISMATCH: "contract_mismatch",
+              LoadPolicy.Request.BACKEND_ERROR: "backend_error"}
 
 
 class PolicyNode(Node):
@@ -55,32 +68,51 @@ class PolicyNode(Node):
         self._sequence_id = 0
         self._perception_digest = ""  # backbone weights digest seen on /m2vla/features
         self.status = PolicyStatus(state=PolicyStatus.STATE_ERROR, message="no policy loaded")
+        self.rejections = Rejections(self.get_logger())
+        self._usable = False  # a head is loaded and the node can name its state and action joints
 
         self.chunk_pub = self.create_publisher(ActionChunk, "/m2vla/action_chunk", qos.CHUNKS)
         self.status_pub = self.create_publisher(PolicyStatus, "/m2vla/policy_status", qos.STATUS)
         self.contract_pub = self.create_publisher(FeatureContract, "/m2vla/feature_contract", qos.LATCHED)
         self.marker_pub = self.create_publisher(MarkerArray, "/m2vla/predicted_path", qos.STATUS)
-        self.create_subscription(LayerFeatures, "/m2vla/features", self._on_features, qos.FEATURES)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos.SENSOR)
-        self.create_subscription(Bool, "/m2vla/estop", self._on_estop, qos.ESTOP)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
+        guard = self.rejections.guard
+        self.create_subscription(LayerFeatures, "/m2vla/features", guard("features", self._on_features), qos.FEATURES)
+        self.create_subscription(JointState, "/joint_states", guard("joint_state", self._on_joint_state), qos.SENSOR)
+        self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop), qos.ESTOP)
         control_group = MutuallyExclusiveCallbackGroup()  # the tick never waits behind a service call
-        self.create_timer(1.0 / float(self.p["control_rate_hz"]), self._tick, callback_group=control_group)
-        self.create_timer(1.0 / float(self.p["status_rate_hz"]), self._publish_status)
-        self.create_service(LoadPolicy, "~/load_policy", self._on_load_policy)
-        self.create_service(Reset, "~/reset", self._on_reset)
-        self.create_service(Stop, "~/stop", self._on_stop)
+        self.create_timer(1.0 / float(self.p["control_rate_hz"]), guard("tick", self._tick),
+                          callback_group=control_group)
+        self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
+        self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
+        self.create_service(LoadPolicy, "~/load_policy", guard("load_policy", self._on_load_policy, _failed_response))
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_response))
+        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, _failed_response))
         self._load(self.p["checkpoint"], self.p["backend"])
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self, checkpoint: str, backend: str) -> tuple[bool, int, str]:
+        previous = (self.engine.checkpoint, self.engine.backend) if self.engine.loaded and self._usable else None
         try:
             self.engine.load(checkpoint, backend=backend or "onnxruntime", device=self.p["device"],
                              expected_backbone_digest=self._perception_digest)
-        except PolicyLoadError as exc:
-            self.get_logger().error(f"policy {checkpoint or '<embedded>'} refused: {exc}")
-            if not self.engine.loaded:
-                self._set_state(PolicyStatus.STATE_ERROR, str(exc))
-            return False, exc.code, str(exc)
+        except Exception as exc:  # noqa: BLE001 - PolicyLoadError, or anything a damaged checkpoint raises
+            code = exc.code if isinstance(exc, PolicyLoadError) else LoadPolicy.Request.BACKEND_ERROR
+            return self._refuse_load(checkpoint, code, exc if isinstance(exc, PolicyLoadError)
+                                     else f"{type(exc).__name__}: {exc}")
+        try:  # the engine swapped already: a head whose joints the node cannot name must not stay in
+            self.engine.state_joint_names, self.engine.action_names  # noqa: B018
+        except Exception as exc:  # noqa: BLE001
+            self._usable = False
+            if previous is not None:
+                try:
+                    self.engine.load(previous[0], backend=previous[1], device=self.p["device"])
+                    self._usable = True
+                except Exception as again:  # noqa: BLE001
+                    self.get_logger().error(f"could not restore the previous policy {previous[0]}: {again}")
+            return self._refuse_load(checkpoint, LoadPolicy.Request.INVALID_CHECKPOINT,
+                                     f"the node cannot name the head's joints: {exc}")
+        self._usable = True
         with self._lock:
             self._features = None  # features of the old contract are not valid for the new head
         self.status.checkpoint, self.status.backend = self.engine.checkpoint, self.engine.backend
@@ -89,35 +121,47 @@ class PolicyNode(Node):
         self.get_logger().info(f"policy loaded: {self.engine.checkpoint} ({self.engine.backend})")
         return True, LoadPolicy.Request.OK, f"loaded {self.engine.checkpoint} with {self.engine.backend}"
 
+    def _refuse_load(self, checkpoint: str, code: int, reason: object) -> tuple[bool, int, str]:
+        message = short(reason, 1000)
+        self.rejections.reject("load_policy", f"{LOAD_CODES.get(code, 'error')}: "
+                                              f"{short(checkpoint, 200) or '<embedded>'}: {message}")
+        if not (self.engine.loaded and self._usable):
+            self._set_state(PolicyStatus.STATE_ERROR, message)
+        return False, code, message
+
     def _on_load_policy(self, request: LoadPolicy.Request, response: LoadPolicy.Response) -> LoadPolicy.Response:
         response.success, response.error_code, response.message = self._load(request.checkpoint, request.backend)
         return response
 
     # -- inputs -------------------------------------------------------------------------------
     def _on_features(self, msg: LayerFeatures) -> None:
+        if not self.engine.loaded:
+            self.rejections.reject("features", "no_policy: no head is loaded to read them")
+            return
         try:
             hidden, mask = msg_to_features(msg, self.engine.contract)
         except (ValueError, AttributeError) as exc:
-            self.status.inputs_rejected += 1
-            self.get_logger().warning(f"features refused: {exc}", throttle_duration_sec=2.0)
+            self.rejections.reject("features", exc)
             return
         if self.engine.backbone_digest and msg.backbone_digest and msg.backbone_digest != self.engine.backbone_digest:
-            self.status.inputs_rejected += 1
-            self.get_logger().warning("features refused: computed by another backbone than the head was trained on",
-                                      throttle_duration_sec=2.0)
+            self.rejections.reject("features", "mismatch: computed by another backbone than the head was trained on")
+            return
+        ahead_s = (stamp_to_ns(msg.header.stamp) - self.get_clock().now().nanoseconds) * 1e-9
+        if ahead_s > MAX_FUTURE_STAMP_S:
+            self.rejections.reject("features", f"future_stamp: camera stamp is {ahead_s:.3f} s in the future "
+                                               f"(clock skew?)")
             return
         with self._lock:
             self._perception_digest = str(msg.backbone_digest)
             self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
 
     def _on_joint_state(self, msg: JointState) -> None:
-        if not self.engine.loaded:
+        if not (self.engine.loaded and self._usable):
             return
         try:
             positions = joint_state_to_array(msg, self.engine.state_joint_names)
         except ValueError as exc:
-            self.status.inputs_rejected += 1
-            self.get_logger().warning(f"joint state refused: {exc}", throttle_duration_sec=2.0)
+            self.rejections.reject("joint_state", exc)
             return
         with self._lock:
             self._joints = (positions, time.monotonic())
@@ -144,7 +188,7 @@ class PolicyNode(Node):
 
     # -- control tick -------------------------------------------------------------------------
     def _tick(self) -> None:
-        if not self.engine.loaded:
+        if not (self.engine.loaded and self._usable):
             return
         with self._lock:
             features, joints = self._features, self._joints
@@ -168,15 +212,19 @@ class PolicyNode(Node):
             chunk = self.engine.infer(hidden, mask, joints[0], instruction_id)  # (H, A) or None
             self.status.inference_ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:  # noqa: BLE001 - a bad step is refused, never a crash
-            self.status.inputs_rejected += 1
-            self.get_logger().error(f"inference failed: {exc}", throttle_duration_sec=2.0)
-            return self._set_state(PolicyStatus.STATE_REFUSED, f"inference failed: {exc}")
+            self.rejections.reject("inference", f"error: {type(exc).__name__}: {exc}")
+            return self._set_state(PolicyStatus.STATE_REFUSED, short(f"inference failed: {exc}"))
         if chunk is None:
             return self._set_state(PolicyStatus.STATE_REFUSED, self.engine.refusal_reason)
+        try:
+            msg = chunk_to_msg(chunk, self.engine, stamp=self.get_clock().now().to_msg(),
+                               observation_stamp=obs_stamp, sequence_id=self._sequence_id + 1,
+                               instruction_id=instruction_id)
+        except ValueError as exc:  # e.g. a head whose action names do not fit its chunk: refuse, never publish
+            self.rejections.reject("chunk", exc)
+            return self._set_state(PolicyStatus.STATE_REFUSED, short(f"chunk refused: {exc}"))
         self._sequence_id += 1
-        self.chunk_pub.publish(chunk_to_msg(chunk, self.engine, stamp=self.get_clock().now().to_msg(),
-                                            observation_stamp=obs_stamp, sequence_id=self._sequence_id,
-                                            instruction_id=instruction_id))
+        self.chunk_pub.publish(msg)
         self.status.chunks_published += 1
         self.status.last_sequence_id = self._sequence_id
         self.status.instruction_id = instruction_id
@@ -210,8 +258,37 @@ class PolicyNode(Node):
             self._publish_status()
 
     def _publish_status(self) -> None:
+        self.status.inputs_rejected = self.rejections.total
         self.status.header.stamp = self.get_clock().now().to_msg()
         self.status_pub.publish(self.status)
+
+    def _publish_diagnostics(self) -> None:
+        rejections = self.rejections.snapshot()
+        level = DiagnosticStatus.OK
+        if self.status.state == PolicyStatus.STATE_ERROR:
+            level = DiagnosticStatus.ERROR
+        elif rejections or self.status.state == PolicyStatus.STATE_REFUSED:
+            level = DiagnosticStatus.WARN
+        status = DiagnosticStatus(name="m2vla_policy", hardware_id=self.status.backend or "", level=level,
+                                  message=self.status.message)
+        items = {"state": self.status.state, "checkpoint": self.status.checkpoint,
+                 "chunks_published": self.status.chunks_published, "last_sequence_id": self.status.last_sequence_id,
+                 "feature_age_s": f"{self.status.feature_age_s:.3f}", "inference_ms": f"{self.status.inference_ms:.3f}",
+                 "rejected_total": sum(rejections.values()), "last_rejection": self.rejections.last, **rejections}
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+
+def _failed_response(_request, response):
+    """What a guarded service answers when its handler raised: a failure, never a dead node."""
+    response.success = False
+    if hasattr(response, "message"):
+        response.message = "internal error; see the node log and /diagnostics"
+    if hasattr(response, "error_code"):
+        response.error_code = getattr(type(_request), "FAILED", getattr(type(_request), "BACKEND_ERROR", 0))
+    return response
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ than ``MAX_CATCH_UP_S``). All callbacks run on one thread: PyBullet is not threa
 commands the arm holds its last target (after a reset: the home pose). Commands further than
 ``max_command_jump_rad`` from the measured arm are ignored, like a real driver's
 discontinuity guard (e.g. a controller still holding the pose of the previous episode).
+Refused commands and resets are logged (rate-limited) and counted by kind in /diagnostics
+(1 Hz); every callback is guarded, so no message can stop the simulated arm driver.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -36,7 +39,7 @@ from m2vla_core.sim.scene import COLOURS_RGBA, CUBE_SIZE_M, CameraConfig
 from m2vla_msgs.msg import TaskStatus
 from m2vla_msgs.srv import Reset
 from m2vla_ros import qos
-from m2vla_ros.conversions import array_to_image, array_to_joint_state, joint_state_to_array
+from m2vla_ros.conversions import Rejections, array_to_image, array_to_joint_state, joint_state_to_array, short
 from m2vla_ros.params import declare_parameters
 
 MAX_CATCH_UP_S = 0.25
@@ -67,7 +70,9 @@ class SimNode(Node):
         self.env = TaskEnv(SimConfig(image_width=int(self.p["image_width"]), image_height=int(self.p["image_height"]),
                                      render=render, renderer=self.p["renderer"]))
         self.state_names = list(self.env.state_names)  # 7 arm joints + gripper_opening
-        self.counters = {"commands": 0, "commands_rejected": 0, "commands_ignored_jump": 0, "resets": 0}
+        self.counters = {"commands": 0, "commands_rejected": 0, "commands_ignored_jump": 0, "resets": 0,
+                         "joint_states_published": 0}
+        self.rejections = Rejections(self.get_logger())
         self._command: np.ndarray | None = None
         self._episode = 0
         self._seed = int(self.p["seed"])
@@ -81,16 +86,19 @@ class SimNode(Node):
         self.marker_pub = self.create_publisher(MarkerArray, "/m2vla/scene_markers", qos.STATUS)
         self.task_pub = self.create_publisher(TaskStatus, "/m2vla/task_status", qos.STATUS)
         self.instruction_pub = self.create_publisher(String, "/m2vla/instruction", qos.INSTRUCTION)
-        self.create_subscription(JointState, "/m2vla/joint_command", self._on_command, qos.COMMANDS)
-        self.create_service(Reset, "~/reset", self._on_reset)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
+        guard = self.rejections.guard
+        self.create_subscription(JointState, "/m2vla/joint_command", guard("command", self._on_command), qos.COMMANDS)
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_reset))
 
         self._reset_episode(self._task, self._seed)
         self._last_joint_pub = 0.0
-        self.create_timer(1.0 / float(self.p["physics_rate_hz"]), self._on_physics)
+        self.create_timer(1.0 / float(self.p["physics_rate_hz"]), guard("physics", self._on_physics))
         if render:
-            self.create_timer(1.0 / float(self.p["camera_rate_hz"]), self._on_camera)
-        self.create_timer(1.0 / float(self.p["frames_rate_hz"]), self._publish_frames)
-        self.create_timer(1.0 / float(self.p["status_rate_hz"]), self._publish_task_status)
+            self.create_timer(1.0 / float(self.p["camera_rate_hz"]), guard("camera", self._on_camera))
+        self.create_timer(1.0 / float(self.p["frames_rate_hz"]), guard("frames", self._publish_frames))
+        self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("task_status", self._publish_task_status))
+        self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
         self.get_logger().info(f"sim ready: task {self._task!r} seed {self._seed}, renderer {self.env.renderer}")
 
     def _initial_task(self, name: str) -> str:
@@ -121,10 +129,13 @@ class SimNode(Node):
         task = request.task.strip() or self._task
         seed = int(request.seed) if request.seed >= 0 else self._seed + 1
         try:
+            if len(task) > 200:
+                raise KeyError(f"unknown task {short(task, 40)!r}: task names are short")
             task = get_task(task).name
         except KeyError as exc:
-            response.success, response.error_code, response.message = False, Reset.Request.UNKNOWN_TASK, exc.args[0]
-            self.get_logger().warning(f"reset refused: {exc.args[0]}")
+            response.success, response.error_code = False, Reset.Request.UNKNOWN_TASK
+            response.message = short(exc.args[0] if exc.args else exc)
+            self.rejections.reject("reset", f"unknown_task: {response.message}")
             return response
         try:
             response.instruction = self._reset_episode(task, seed)
@@ -144,14 +155,14 @@ class SimNode(Node):
             q = joint_state_to_array(msg, self.state_names)  # (8,) by name; finger joints -> opening
         except ValueError as exc:  # ConversionError and anything else malformed
             self.counters["commands_rejected"] += 1
-            self.get_logger().warning(f"command refused: {exc}", throttle_duration_sec=1.0)
+            self.rejections.reject("command", exc)
             return
         measured = self.env.scene.arm_state()  # (8,)
         jump = float(np.max(np.abs(q[:7] - measured[:7])))
         if jump > float(self.p["max_command_jump_rad"]):
             self.counters["commands_ignored_jump"] += 1
-            self.get_logger().warning(f"command ignored: {jump:.2f} rad from the measured arm (max "
-                                      f"{self.p['max_command_jump_rad']})", throttle_duration_sec=1.0)
+            self.rejections.reject("command", f"jump: {jump:.2f} rad from the measured arm (max "
+                                              f"{self.p['max_command_jump_rad']})")
             return
         self._command = q
         self.counters["commands"] += 1
@@ -185,6 +196,7 @@ class SimNode(Node):
         positions, velocities = self.env.joint_state()  # (9,), (9,)
         self.joint_pub.publish(array_to_joint_state(self.env.joint_names, positions, velocities=velocities,
                                                     stamp=self.get_clock().now().to_msg()))
+        self.counters["joint_states_published"] += 1
 
     def _on_camera(self) -> None:
         rgb = self.env.scene.render()  # (H, W, 3) uint8
@@ -243,11 +255,29 @@ class SimNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         self.task_pub.publish(msg)
 
+    def _publish_diagnostics(self) -> None:
+        rejections = self.rejections.snapshot()
+        status = DiagnosticStatus(name="m2vla_sim", hardware_id="pybullet",
+                                  level=DiagnosticStatus.WARN if rejections else DiagnosticStatus.OK,
+                                  message=f"{sum(rejections.values())} inputs refused" if rejections else "ok")
+        items = {**self.counters, "task": self._task, "episode": self._episode,
+                 "rejected_total": sum(rejections.values()), "last_rejection": self.rejections.last, **rejections}
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
     def destroy_node(self) -> None:
         try:
             self.env.close()
         finally:
             super().destroy_node()
+
+
+def _failed_reset(_request: Reset.Request, response: Reset.Response) -> Reset.Response:
+    response.success, response.error_code = False, Reset.Request.FAILED
+    response.message = "internal error; see the node log and /diagnostics"
+    return response
 
 
 def main(args: list[str] | None = None) -> None:

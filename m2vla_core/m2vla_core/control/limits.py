@@ -57,7 +57,9 @@ def limit_step(target: np.ndarray, previous_target: np.ndarray | None, previous:
     if not (velocity_clamped or acceleration_clamped):
         position = goal.copy()  # exact: no rounding drift while tracking within limits
     else:
-        position = np.clip(previous + v_accel * t, lo, hi)
+        # a measured position already beyond a limit is walked back at the limited speed, never
+        # snapped onto the limit in one period (that step would exceed vmax) nor moved further out
+        position = np.clip(previous + v_accel * t, np.minimum(lo, previous), np.maximum(hi, previous))
     velocity = (position - previous) / t
     return LimitResult(position, velocity, position_clamped, velocity_clamped, acceleration_clamped)
 

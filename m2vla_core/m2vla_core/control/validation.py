@@ -112,22 +112,30 @@ def check_chunk_timing(observation_s: float, now_s: float, config: ControllerCon
     return None
 
 
+SAME_OBSERVATION_S = 1e-3  # observation times closer than this are the same camera frame
+
+
 def check_chunk_order(sequence_id: int, observation_s: float, *, last_sequence_id: int | None,
                       last_observation_s: float | None, not_before_s: float | None) -> str | None:
     """Refuse repeated / older chunks and chunks computed before the last e-stop, stop or reset.
 
-    A lower sequence id with a strictly newer observation is accepted: the policy restarted
-    and counts from 1 again.
+    A lower sequence id with a newer observation is accepted: the policy restarted and counts
+    from 1 again. "Newer" means by more than ``SAME_OBSERVATION_S``: the controller maps each
+    arriving stamp onto its monotonic clock, so one stamp seen twice (a replayed or duplicated
+    chunk) lands a few microseconds apart and must still count as the same observation.
     """
+    if not all(math.isfinite(v) for v in (observation_s, *(x for x in (last_observation_s, not_before_s)
+                                                            if x is not None))):
+        return f"{NON_FINITE}: observation time is not finite"
     if not_before_s is not None and observation_s < not_before_s:
         return (f"{PREDATES_HOLD}: observation is {not_before_s - observation_s:.3f} s older than the last "
                 f"e-stop/stop/reset")
     if last_sequence_id is None or last_observation_s is None:
         return None
-    if observation_s < last_observation_s:
+    if observation_s < last_observation_s - SAME_OBSERVATION_S:
         return (f"{OUT_OF_ORDER}: observation is {last_observation_s - observation_s:.3f} s older than the chunk "
                 f"in flight (sequence id {sequence_id}, last {last_sequence_id})")
-    if sequence_id <= last_sequence_id and observation_s <= last_observation_s:
+    if sequence_id <= last_sequence_id and observation_s <= last_observation_s + SAME_OBSERVATION_S:
         return f"{OUT_OF_ORDER}: sequence id {sequence_id} <= last accepted {last_sequence_id} for the same observation"
     return None
 
