@@ -72,11 +72,11 @@ def run_ablation(features_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 def format_markdown(rows: list[dict], eval_config=None) -> str:
     tasks = list(rows[0]["success"]) if rows else []
-    head = ["variant", *tasks, "mean", "trainable params", "head p50 [us]"]
+    head = ["variant", *tasks, "mean", "val loss", "trainable params", "head p50 [us]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         cells = [r["variant"], *(f"{r['success'][t] * 100:.0f}%" for t in tasks), f"**{r['mean_success'] * 100:.1f}%**",
-                 f"{r['trainable_params']:,}", f"{r['head_us_p50_onnxruntime']:.0f}"]
+                 "n/a" if r.get("final_val_loss") is None else f"{r['final_val_loss']:.4f}", f"{r['trainable_params']:,}", f"{r['head_us_p50_onnxruntime']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if eval_config is not None:
         lines.append("")
