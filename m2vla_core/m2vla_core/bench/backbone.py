@@ -77,6 +77,8 @@ def run(settings: BenchSettings, contract: FeatureContract) -> dict:
     policy = time_contract(bb, contract, settings)
     out = {
         "backbone": bb.backbone_id,
+        "frozen_params_count": sum(p.numel() for p in bb.model.parameters()),  # never trained
+        "trainable_params_count": sum(p.numel() for p in bb.model.parameters() if p.requires_grad),  # 0
         "image_tokens_native_count": bb.num_image_tokens_native,
         "instruction_tokens_count": len(bb.tokenizer(INSTRUCTION)["input_ids"]),
         "frames_count": settings.backbone_frames,
