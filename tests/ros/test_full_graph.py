@@ -159,7 +159,8 @@ def test_estop_mid_motion_holds_the_arm_and_the_policy_stops(stack):
     stack.start_episode("pick_lift", SEED + 2)
     stack.wait_for(lambda: stack.chunks_since(t0) >= 2, 60.0, "the arm to start moving")
     estop = stack.client.create_publisher(Bool, "/m2vla/estop", qos.ESTOP)
-    try:
+    try:  # a message published before discovery matched a subscriber is lost for it (volatile QoS)
+        stack.wait_for(lambda: estop.get_subscription_count() >= 2, 10.0, "controller and policy to match the e-stop")
         t_stop = time.monotonic()
         estop.publish(Bool(data=True))
         time.sleep(1.0)
