@@ -222,6 +222,7 @@ def main(argv: list[str]) -> int:
     finally:
         graph_procs.stop()
         executor.shutdown(timeout_sec=1.0)
+        spinner.join(timeout=2.0)  # a spin thread alive at interpreter exit aborts in C++ ("terminate called")
         client.destroy_node()
         rclpy.try_shutdown()
     summary = _summary(results)
