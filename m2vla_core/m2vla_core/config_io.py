@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -96,5 +97,13 @@ def load_json(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, data, _where=path.name)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a sibling temp file + rename, so a reader never sees half a file after a crash."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")

@@ -174,17 +174,11 @@ class SafetyClient:
         return True
 
     def call(self, srv_type, name: str, request, timeout_s: float = 60.0):
+        from m2vla_ros.demo import call_service
+
         client = self.node.create_client(srv_type, name)
         try:
-            if not client.wait_for_service(timeout_sec=timeout_s):
-                raise AssertionError(f"service {name} not available after {timeout_s:.0f} s")
-            future = client.call_async(request)
-            deadline = time.monotonic() + timeout_s
-            while not future.done():
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"service {name} did not answer in {timeout_s:.0f} s")
-                time.sleep(0.01)
-            return future.result()
+            return call_service(client, request, timeout_s)  # TimeoutError names the service
         finally:
             self.node.destroy_client(client)
 

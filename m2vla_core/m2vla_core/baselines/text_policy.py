@@ -26,8 +26,9 @@ import torch
 from m2vla_core.baselines.action_text import ActionTextCodec
 from m2vla_core.baselines.configuration_text_policy import (ActionTextConfig, LoraSettings, TextPolicyConfig,
                                                             TextTrainConfig)
-from m2vla_core.config_io import ConfigError, load_json, save_json
-from m2vla_core.heads.checkpoint import CheckpointError, atomic_save_safetensors, check_safetensors_file, refuse_pickles
+from m2vla_core.config_io import save_json
+from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file,
+                                        load_config_file, refuse_pickles)
 
 CONFIG_NAME = "text_policy.json"
 ADAPTER_NAME = "adapter.safetensors"
@@ -151,9 +152,7 @@ class TextActionPolicy:
         d.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(get_peft_model_state_dict(self.model), d / ADAPTER_NAME,
                                 {"format": "m2vla-text-policy-lora", "version": "1"})
-        tmp = d / (CONFIG_NAME + ".tmp")
-        save_json(self.config, tmp)
-        os.replace(tmp, d / CONFIG_NAME)
+        save_json(self.config, d / CONFIG_NAME)
         return d
 
     @classmethod
@@ -165,12 +164,7 @@ class TextActionPolicy:
         if not d.is_dir():
             raise CheckpointError(f"{d}: text policy directory not found")
         refuse_pickles(d)
-        try:
-            config = load_json(TextPolicyConfig, d / CONFIG_NAME)
-        except FileNotFoundError:
-            raise CheckpointError(f"{d}: no {CONFIG_NAME}") from None
-        except (ConfigError, ValueError) as exc:
-            raise CheckpointError(f"{d / CONFIG_NAME}: {exc}") from exc
+        config = load_config_file(TextPolicyConfig, d / CONFIG_NAME, f"{d}: no {CONFIG_NAME}")
         model, tok, proc, bid, digest = load_base_model(backbone_path)
         if (bid, digest) != (config.backbone_id, config.backbone_digest):
             raise CheckpointError(f"{d}: adapter trained on {config.backbone_id} ({config.backbone_digest[:12]}…), "

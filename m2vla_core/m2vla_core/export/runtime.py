@@ -100,6 +100,25 @@ class OnnxHeadRuntime:
         pass
 
 
+def checked_inputs(config: HeadConfig, features, mask, state, *, expects: str = "head expects"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """features (n_layers, T, D) float32, mask (T,), state (S,) float32 as ``config`` declares them,
+    else ContractError: a wrong shape or a NaN never reaches a runtime."""
+    features = np.asarray(features, dtype=np.float32)
+    mask = np.asarray(mask)
+    state = np.asarray(state, dtype=np.float32)
+    if features.shape != config.contract.shape:
+        raise ContractError(f"features shaped {features.shape}, {expects} (n_layers, T, D) = {config.contract.shape} "
+                            f"for layers {config.contract.layers}")
+    if mask.shape != (config.contract.num_tokens,):
+        raise ContractError(f"mask shaped {mask.shape}, {expects} ({config.contract.num_tokens},)")
+    if state.shape != (config.state_dim,):
+        raise ContractError(f"state shaped {state.shape}, {expects} ({config.state_dim},)")
+    if not (np.isfinite(features).all() and np.isfinite(state).all()):
+        raise ContractError("features or state contain NaN / inf")
+    return features, mask, state
+
+
 class HeadPolicy:
     """One observation -> one chunk, with the contract checked at the boundary."""
 
@@ -127,19 +146,7 @@ class HeadPolicy:
 
     def infer(self, features: np.ndarray, mask: np.ndarray, state: np.ndarray) -> np.ndarray:
         """features (n_layers, T, D), mask (T,), state (S,) -> chunk (H, A) float32."""
-        features = np.asarray(features, dtype=np.float32)
-        mask = np.asarray(mask)
-        state = np.asarray(state, dtype=np.float32)
-        cfg = self.config
-        if features.shape != cfg.contract.shape:
-            raise ContractError(f"features shaped {features.shape}, head expects (n_layers, T, D) = {cfg.contract.shape} "
-                                f"for layers {cfg.contract.layers}")
-        if mask.shape != (cfg.contract.num_tokens,):
-            raise ContractError(f"mask shaped {mask.shape}, head expects ({cfg.contract.num_tokens},)")
-        if state.shape != (cfg.state_dim,):
-            raise ContractError(f"state shaped {state.shape}, head expects ({cfg.state_dim},)")
-        if not (np.isfinite(features).all() and np.isfinite(state).all()):
-            raise ContractError("features or state contain NaN / inf")
+        features, mask, state = checked_inputs(self.config, features, mask, state)
         chunk = self.runtime.infer(features[None], mask.astype(bool)[None], state[None])[0]  # (H, A)
         if chunk.shape != self.chunk_shape:
             raise ContractError(f"runtime returned {chunk.shape}, expected {self.chunk_shape}")

@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from m2vla_core.config_io import ConfigError, load_json, save_json
 from m2vla_core.heads.configuration_head import HeadConfig
 from m2vla_core.heads.policy_head import NORM_KEYS, PolicyHead
+
+T = TypeVar("T")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -104,20 +107,25 @@ def save_head(head: PolicyHead, directory: str | os.PathLike) -> Path:
     if head.uses_memory and head.action_head.memory.size == 0:
         raise CheckpointError("refusing to save an MSM head with an empty skill memory (call build_memory)")
     atomic_save_safetensors(head.state_dict(), directory / WEIGHTS_NAME, {"format": "m2vla-head", "version": "1"})
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    save_json(head.config, tmp)
-    os.replace(tmp, directory / CONFIG_NAME)
+    save_json(head.config, directory / CONFIG_NAME)
     return directory
 
 
-def load_head_config(directory: str | os.PathLike) -> HeadConfig:
-    path = Path(directory) / CONFIG_NAME
+def load_config_file(cls: type[T], path: str | os.PathLike, missing: str) -> T:
+    """Strict JSON config of a checkpoint part; a missing or invalid file is a CheckpointError
+    (``missing`` is the message for the first case, e.g. what the directory should have been)."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; not a head checkpoint directory")
+        raise CheckpointError(missing)
     try:
-        return load_json(HeadConfig, path)
+        return load_json(cls, path)
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def load_head_config(directory: str | os.PathLike) -> HeadConfig:
+    return load_config_file(HeadConfig, Path(directory) / CONFIG_NAME,
+                            f"{directory}: no {CONFIG_NAME}; not a head checkpoint directory")
 
 
 def check_backbone(config: HeadConfig, backbone_id: str, weights_digest: str) -> None:

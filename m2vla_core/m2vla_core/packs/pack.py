@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from m2vla_core.config_io import ConfigError, load_json, save_json
-from m2vla_core.heads.checkpoint import CheckpointError, atomic_save_safetensors, check_safetensors_file, load_head_config
+from m2vla_core.config_io import save_json
+from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file, load_config_file,
+                                        load_head_config)
 from m2vla_core.packs.configuration_packs import PACK_INFO_NAME, ROUTER_EXAMPLES_NAME, PackInfo
 from m2vla_core.packs.router import pool_features
 from m2vla_core.training.feature_dataset import DatasetError, FeatureDataset, FeatureDatasetWriter
@@ -97,20 +98,13 @@ def write_pack_files(checkpoint: str | os.PathLike, name: str, tasks, dataset: F
                     num_samples=int(keep.sum()), router_frames_per_episode=frames_per_episode,
                     source=str(dataset.path))
     atomic_save_safetensors(examples, ckpt / ROUTER_EXAMPLES_NAME, {"format": "m2vla-router-examples", "version": "1"})
-    tmp = ckpt / (PACK_INFO_NAME + ".tmp")
-    save_json(info, tmp)
-    os.replace(tmp, ckpt / PACK_INFO_NAME)
+    save_json(info, ckpt / PACK_INFO_NAME)
     return info
 
 
 def load_pack_info(pack_dir: str | os.PathLike) -> PackInfo:
-    path = Path(pack_dir) / PACK_INFO_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{pack_dir}: no {PACK_INFO_NAME}; not a skill pack (make one with `m2vla pack train`)")
-    try:
-        return load_json(PackInfo, path)
-    except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    return load_config_file(PackInfo, Path(pack_dir) / PACK_INFO_NAME,
+                            f"{pack_dir}: no {PACK_INFO_NAME}; not a skill pack (make one with `m2vla pack train`)")
 
 
 def load_router_examples(pack_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

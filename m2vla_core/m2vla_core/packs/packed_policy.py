@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2vla_core.config_io import ConfigError, load_json, save_json
-from m2vla_core.heads.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_head_config
+from m2vla_core.config_io import save_json
+from m2vla_core.heads.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_config_file,
+                                        load_head_config)
 from m2vla_core.heads.configuration_head import HeadConfig
-from m2vla_core.heads.policy_head import ContractError
+from m2vla_core.export.runtime import checked_inputs
 from m2vla_core.packs.configuration_packs import (PACK_INFO_NAME, PACK_SET_NAME, PACKS_DIR, ROUTER_DIR,
                                                   ROUTER_EXAMPLES_NAME, PackInfo, PackRef, PackSetConfig, RouterConfig,
                                                   RouterTrainConfig)
@@ -127,13 +128,8 @@ def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: floa
 
 
 def load_pack_set_config(path: str | os.PathLike) -> PackSetConfig:
-    file = Path(path) / PACK_SET_NAME
-    if not file.is_file():
-        raise CheckpointError(f"{path}: no {PACK_SET_NAME}; not a pack set (make one with `m2vla pack combine`)")
-    try:
-        return load_json(PackSetConfig, file)
-    except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"{file}: {exc}") from exc
+    return load_config_file(PackSetConfig, Path(path) / PACK_SET_NAME,
+                            f"{path}: no {PACK_SET_NAME}; not a pack set (make one with `m2vla pack combine`)")
 
 
 class PackedPolicy:
@@ -215,23 +211,9 @@ class PackedPolicy:
         best = int(np.argmax(probs))
         return self.pack_names[best], float(probs[best]), {n: float(p) for n, p in zip(self.pack_names, probs)}
 
-    def _check(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> None:
-        cfg = self.config
-        if hidden.shape != cfg.contract.shape:
-            raise ContractError(f"features shaped {hidden.shape}, packs expect (n_layers, T, D) = {cfg.contract.shape}")
-        if mask.shape != (cfg.contract.num_tokens,):
-            raise ContractError(f"mask shaped {mask.shape}, packs expect ({cfg.contract.num_tokens},)")
-        if state.shape != (cfg.state_dim,):
-            raise ContractError(f"state shaped {state.shape}, packs expect ({cfg.state_dim},)")
-        if not (np.isfinite(hidden).all() and np.isfinite(state).all()):
-            raise ContractError("features or state contain NaN / inf")
-
     def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> np.ndarray | None:
         """features (L, T, D), mask (T,), state (S,) -> chunk (H, A) of the routed pack, or None (refusal)."""
-        hidden = np.asarray(hidden, dtype=np.float32)
-        mask = np.asarray(mask)
-        state = np.asarray(state, dtype=np.float32)
-        self._check(hidden, mask, state)
+        hidden, mask, state = checked_inputs(self.config, hidden, mask, state, expects="packs expect")
         if self._refused:
             return None
         if not self.routed_pack:
@@ -252,8 +234,4 @@ class PackedPolicy:
 
 def with_min_confidence(path: str | os.PathLike, min_confidence: float) -> None:
     """Rewrite a pack set's refusal threshold in place (no retraining)."""
-    file = Path(path) / PACK_SET_NAME
-    cfg = replace(load_pack_set_config(path), min_confidence=min_confidence)
-    tmp = file.with_name(file.name + ".tmp")
-    save_json(cfg, tmp)
-    os.replace(tmp, file)
+    save_json(replace(load_pack_set_config(path), min_confidence=min_confidence), Path(path) / PACK_SET_NAME)

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2vla_core.config_io import ConfigError, load_json, save_json
-from m2vla_core.heads.checkpoint import CheckpointError, atomic_save_safetensors, check_safetensors_file, refuse_pickles
+from m2vla_core.config_io import save_json
+from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file,
+                                        load_config_file, refuse_pickles)
 from m2vla_core.packs.configuration_packs import RouterConfig, RouterTrainConfig
 
 CONFIG_NAME = "config.json"
@@ -158,9 +159,7 @@ def save_router(router: TaskRouter, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(router.state_dict(), directory / WEIGHTS_NAME, {"format": "m2vla-router", "version": "1"})
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    save_json(router.config, tmp)
-    os.replace(tmp, directory / CONFIG_NAME)
+    save_json(router.config, directory / CONFIG_NAME)
     return directory
 
 
@@ -172,12 +171,7 @@ def load_router(directory: str | os.PathLike) -> TaskRouter:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: router directory not found")
     refuse_pickles(directory)
-    try:
-        config = load_json(RouterConfig, directory / CONFIG_NAME)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}") from None
-    except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
+    config = load_config_file(RouterConfig, directory / CONFIG_NAME, f"{directory}: no {CONFIG_NAME}")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")

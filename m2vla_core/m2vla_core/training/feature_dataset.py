@@ -89,12 +89,6 @@ class FeatureDatasetMeta:
                 "actions": (self.chunk_len, self.action_dim), "episode_index": (), "task_index": ()}
 
 
-def _atomic_save_meta(meta: FeatureDatasetMeta, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_json(meta, tmp)
-    os.replace(tmp, path)
-
-
 class FeatureDatasetWriter:
     """Append samples (one or a batch) and write safetensors shards + meta.json atomically.
 
@@ -164,14 +158,14 @@ class FeatureDatasetWriter:
         """Write pending samples as a new shard and update meta.json (both atomic)."""
         if not self._pending_n:
             if not (self.path / META_NAME).exists():
-                _atomic_save_meta(self.meta, self.path / META_NAME)
+                save_json(self.meta, self.path / META_NAME)
             return
         shard = f"shard-{len(self.meta.shards):05d}.safetensors"
         atomic_save_safetensors({k: torch.cat(v) for k, v in self._pending.items()}, self.path / shard,
                                 {"format": "m2vla-features", "version": str(DATASET_FORMAT_VERSION)})
         self.meta = replace(self.meta, shards=(*self.meta.shards, shard), num_samples=self.meta.num_samples + self._pending_n,
                             num_episodes=len(self._episodes))
-        _atomic_save_meta(self.meta, self.path / META_NAME)
+        save_json(self.meta, self.path / META_NAME)
         self._pending = {k: [] for k in FIELDS}
         self._pending_n = 0
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from m2vla_core.config_io import from_dict, to_dict
+from m2vla_core.config_io import atomic_write_text, from_dict, to_dict
 from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file, load_head,
                                          save_head)
 from m2vla_core.heads.configuration_head import HeadArchConfig
@@ -179,9 +179,7 @@ def _save_all(head, optimizer, step, out: Path, run: RunConfig, data_dir: Path, 
     save_head(head, out)
     save_train_state(optimizer, step, out / TRAIN_STATE_NAME)
     record = {"run": to_dict(run), "data": str(data_dir), "step": step, "history": history}
-    tmp = out / (RUN_NAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / RUN_NAME)
+    atomic_write_text(out / RUN_NAME, json.dumps(record, indent=2) + "\n")
     if plot:
         from m2vla_core.training.plots import plot_losses
 
