@@ -117,40 +117,64 @@ def _small(frame: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- driver
-def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalReport:
-    """Roll out every (task, seed) and aggregate; workers > 1 uses spawned processes."""
-    from tqdm import tqdm
-
+def _tasks_and_jobs(config: EvalConfig) -> tuple[list[str], list[tuple[str, int, bool]]]:
+    """The validated task list and one (task, seed, keep_frames) job per episode."""
     from m2vla_core.sim.tasks import parse_task_list, task_names
 
-    tasks = list(config.tasks) or task_names()
-    tasks = parse_task_list(",".join(tasks))
+    tasks = parse_task_list(",".join(list(config.tasks) or task_names()))
     jobs = [(task, config.seed_offset + i, config.gif and i == 0) for task in tasks for i in range(config.episodes)]
+    return tasks, jobs
+
+
+def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalReport:
+    """Roll out every (task, seed) and aggregate; workers > 1 uses spawned processes."""
+    if config.workers == 1:
+        _init_worker(config, threads=None)
+        env, agent = _WORKER["env"], _WORKER["agent"]
+        try:
+            return evaluate_with(config, env, agent, progress=progress)
+        finally:
+            env.close()
+    from tqdm import tqdm
+
+    tasks, jobs = _tasks_and_jobs(config)
     t0 = time.perf_counter()
     results: list[dict] = []
-    bar = tqdm(total=len(jobs), unit="ep", desc="eval", disable=not progress, dynamic_ncols=True)
+    with tqdm(total=len(jobs), unit="ep", desc="eval", disable=not progress, dynamic_ncols=True) as bar, \
+            ProcessPoolExecutor(max_workers=config.workers, mp_context=mp.get_context("spawn"),
+                                initializer=_init_worker, initargs=(config, 1)) as pool:
+        for result in pool.map(_run_job, jobs):
+            results.append(result)
+            bar.update(1)
+            bar.set_postfix(ok=sum(r["success"] for r in results), refresh=False)
+    return _aggregate(config, tasks, results, time.perf_counter() - t0)
+
+
+def evaluate_with(config: EvalConfig, env, agent, *, progress: bool = True, after_episode=None) -> EvalReport:
+    """In-process rollouts of every (task, seed) of ``config`` with a given env and agent (any
+    ``reset`` / ``act`` agent: a pack set, the text baseline). ``after_episode(job)`` may return a
+    dict kept per episode in ``report.config['episode_notes']``. The caller owns ``env``."""
+    from tqdm import tqdm
+
+    tasks, jobs = _tasks_and_jobs(config)
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    notes: list[dict] = []
+    _WORKER.update(env=env, agent=agent, config=config)  # _run_job reads its env / agent from here
     try:
-        if config.workers == 1:
-            _init_worker(config, threads=None)
+        with tqdm(total=len(jobs), unit="ep", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
             for job in jobs:
                 results.append(_run_job(job))
+                if after_episode is not None:
+                    notes.append({"task": job[0], "seed": job[1], **after_episode(job)})
                 bar.update(1)
                 bar.set_postfix(ok=sum(r["success"] for r in results), refresh=False)
-        else:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(config, 1)) as pool:
-                for result in pool.map(_run_job, jobs):
-                    results.append(result)
-                    bar.update(1)
-                    bar.set_postfix(ok=sum(r["success"] for r in results), refresh=False)
     finally:
-        bar.close()
-        env = _WORKER.pop("env", None)
-        if env is not None:
-            env.close()
         _WORKER.clear()
-    return _aggregate(config, tasks, results, time.perf_counter() - t0)
+    report = _aggregate(config, tasks, results, time.perf_counter() - t0)
+    if after_episode is not None:
+        report.config = {**report.config, "episode_notes": notes}
+    return report
 
 
 def _pct(values: list[float], q: float) -> float:

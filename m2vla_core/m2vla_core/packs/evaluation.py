@@ -58,29 +58,10 @@ class _TaskAwareEnv:
 
 
 def evaluate_agent(config, agent, env, *, progress: bool = True, after_episode=None):
-    """Roll out every (task, seed) of ``config`` with ``agent`` in ``env`` through ``evaluation.cli``'s
-    job runner and aggregation (in-process); ``after_episode(job)`` may return a dict kept per episode
-    in ``report.config['episode_notes']``."""
-    from tqdm import tqdm
+    """``evaluation.cli.evaluate_with``: in-process rollouts of ``config`` with this agent and env."""
+    from m2vla_core.evaluation.cli import evaluate_with
 
-    from m2vla_core.evaluation import cli as ev
-    from m2vla_core.sim.tasks import parse_task_list, task_names
-
-    tasks = parse_task_list(",".join(config.tasks or task_names()))
-    jobs = [(task, config.seed_offset + i, config.gif and i == 0) for task in tasks for i in range(config.episodes)]
-    notes, results = [], []
-    t0 = time.perf_counter()
-    ev._WORKER.update(env=env, agent=agent, config=config)  # the job runner reads its env / agent from here
-    try:
-        for job in tqdm(jobs, unit="ep", desc="eval", disable=not progress, dynamic_ncols=True):
-            results.append(ev._run_job(job))
-            if after_episode is not None:
-                notes.append({"task": job[0], "seed": job[1], **after_episode(job)})
-    finally:
-        ev._WORKER.clear()
-    report = ev._aggregate(config, tasks, results, time.perf_counter() - t0)
-    report.config = {**report.config, "episode_notes": notes}
-    return report
+    return evaluate_with(config, env, agent, progress=progress, after_episode=after_episode)
 
 
 def evaluate_packed(config, *, force_by_task: bool = False, progress: bool = True, backbone=None):
