@@ -13,6 +13,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _domain_counter = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_dds_shared_memory():
+    """Fault tests SIGKILL nodes; their Fast DDS shared-memory files would outlive the run."""
+    from m2vla_core.dds_shm import remove_stale_segments
+
+    remove_stale_segments(ignore_uninspectable=True)  # this machine's pid 1 (the sandbox) hides its maps
+    yield
+    remove_stale_segments(grace_s=5.0, ignore_uninspectable=True)  # this run's ROS processes have exited; others still map theirs
+
+
 @pytest.fixture
 def ros_domain_id() -> int:
     """A DDS domain unlikely to be used by any other test run on this machine (1..101)."""

@@ -203,7 +203,10 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
     from m2vla_ros import graph, qos
     from m2vla_ros.bringup import Graph
 
+    from m2vla_core.dds_shm import remove_stale_segments
+
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # before rclpy.init: this process too
+    stale_removed = len(remove_stale_segments())  # leftovers of SIGKILLed nodes can silence shared memory
     env = ros_environment()
     env["ROS_DOMAIN_ID"] = str(opts.domain)
     env["PYTHONUNBUFFERED"] = "1"
@@ -221,7 +224,8 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
     report: dict = {"ok": False, "config": {
         "duration_s": opts.duration_s, "camera_hz": opts.camera_hz, "image": f"{opts.width}x{opts.height} rgb8",
         "instruction_hz": opts.instruction_hz, "joint_state_hz": 100.0, "launch_args": launch_args,
-        "dds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "")}}
+        "dds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""),
+        "stale_dds_shm_files_removed": stale_removed}}
     try:
         nodes.start()
         pids = {r.node.name: r.process.pid for r in nodes.running}
