@@ -83,6 +83,9 @@ class PolicyNode(Node):
         control_group = MutuallyExclusiveCallbackGroup()  # the tick never waits behind a service call
         self.create_timer(1.0 / float(self.p["control_rate_hz"]), guard("tick", self._tick),
                           callback_group=control_group)
+        # The first features of a new instruction are acted on at once, not at the next timer phase
+        # (up to one control period later); same callback group, so never concurrent with a tick.
+        self._tick_now = self.create_guard_condition(guard("tick", self._tick), callback_group=control_group)
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
         self.create_service(LoadPolicy, "~/load_policy", guard("load_policy", self._on_load_policy, _failed_response))
@@ -152,8 +155,11 @@ class PolicyNode(Node):
                                                f"(clock skew?)")
             return
         with self._lock:
+            new_instruction = self._features is None or self._features[3] != int(msg.instruction_id)
             self._perception_digest = str(msg.backbone_digest)
             self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
+        if new_instruction:
+            self._tick_now.trigger()
 
     def _on_joint_state(self, msg: JointState) -> None:
         if not (self.engine.loaded and self._usable):

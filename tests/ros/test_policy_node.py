@@ -1,0 +1,91 @@
+"""The policy node in a real process over real DDS, fed features and joint states by a test peer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+
+from m2vla_core.assets_paths import default_policy_path
+from m2vla_core.heads.checkpoint import load_head_config
+from m2vla_msgs.msg import ActionChunk, LayerFeatures, PolicyStatus
+from m2vla_ros import qos
+from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
+from test_controller_node import HOME, SIM_JOINTS, _domain, _start, _stop
+
+SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 3 s of new features is not the timer's doing
+WAIT_S = 90.0  # process start imports torch + onnxruntime on a shared 2-core machine
+
+
+def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for_the_control_timer(tmp_path):
+    domain = _domain(40)
+    policy = _start("m2vla_ros.policy_node", domain, tmp_path / "policy.log", f"control_rate_hz:={SLOW_RATE_HZ}",
+                    "max_feature_age_s:=30.0")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = Node("m2vla_test_policy_peer", context=ctx)
+    chunks: list[tuple[float, int]] = []  # (receipt monotonic, instruction_id)
+    lock = threading.Lock()
+
+    def on_chunk(msg: ActionChunk) -> None:
+        with lock:
+            chunks.append((time.monotonic(), int(msg.instruction_id)))
+
+    statuses: list[str] = []
+    node.create_subscription(ActionChunk, "/m2vla/action_chunk", on_chunk, qos.CHUNKS)
+    node.create_subscription(PolicyStatus, "/m2vla/policy_status", lambda m: statuses.append((m.message, m.instruction_id, m.chunks_published)), qos.STATUS)
+    features_pub = node.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
+    joints_pub = node.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    config = load_head_config(default_policy_path())
+    contract = config.contract
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=contract.shape).astype(np.float32)
+    mask = np.ones(hidden.shape[1], dtype=bool)
+
+    stop = threading.Event()
+
+    def play_arm() -> None:  # a joint state at 50 Hz, as an arm driver would: always fresh
+        while not stop.wait(0.02):
+            joints_pub.publish(array_to_joint_state(SIM_JOINTS, np.r_[HOME[:7], HOME[7] / 2, HOME[7] / 2],
+                                                    stamp=node.get_clock().now().to_msg()))
+
+    def publish(instruction_id: int) -> None:
+        features_pub.publish(hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(),
+                                           instruction_id=instruction_id, backbone_digest=config.backbone_digest))
+
+    arm = threading.Thread(target=play_arm, daemon=True)
+    arm.start()
+
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and not chunks:  # start-up: until the node answers at all
+            publish(1)
+            time.sleep(0.5)
+        assert chunks, f"the policy node never published a chunk:\n{(tmp_path / 'policy.log').read_text()[-3000:]}"
+        for instruction_id in (2, 3):
+            time.sleep(0.5)
+            sent = time.monotonic()
+            publish(instruction_id)
+            while time.monotonic() < sent + 3.0 and not any(i == instruction_id for _, i in chunks):
+                time.sleep(0.05)
+            with lock:
+                answered = [t for t, i in chunks if i == instruction_id]
+            assert answered and answered[0] - sent < 3.0, (
+                f"instruction {instruction_id}: no chunk within 3 s although the timer only ticks every "
+                f"{1 / SLOW_RATE_HZ:.0f} s; policy status: {statuses[-3:]}; chunks (t - sent, instruction): {[(round(t - sent, 2), i) for t, i in chunks]}")
+    finally:
+        stop.set()
+        arm.join(timeout=2.0)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        assert _stop(policy) in (0, -2), (tmp_path / "policy.log").read_text()[-3000:]
