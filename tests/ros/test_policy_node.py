@@ -85,7 +85,8 @@ def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for
     finally:
         stop.set()
         arm.join(timeout=2.0)
-        executor.shutdown()
+        executor.shutdown(timeout_sec=2.0)
+        spinner.join(timeout=5.0)  # a spin thread still inside rclpy at interpreter exit aborts in C++
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
         assert _stop(policy) in (0, -2), (tmp_path / "policy.log").read_text()[-3000:]
