@@ -20,7 +20,7 @@ from m2vla_core.features import FeatureBundle, FeatureContract
 class PerceptionConfig:
     backbone: str = ""  # hub id or local dir; "" = the shipped tiny backbone
     device: str = "cpu"  # cpu | cuda
-    cache_bytes: int = 64 << 20  # in-process LRU bound [B]; 0 disables the cache
+    cache_bytes: int = 32 << 20  # in-process LRU bound [B]; 0 disables the cache; RSS grows ~1.5x this (soak)
     stop_at_deepest_layer: bool = True
     reuse_instruction: bool = True
     min_image_side_px: int = 8  # smaller frames carry no usable content: refused, not upscaled

@@ -42,7 +42,7 @@ PARAMETERS = {
     "max_image_age_s": (1.0, "[s] frames older than this are ignored", (0.01, 60.0)),
     "max_image_pixels": (8294400, "frames with more pixels are refused", (1, 100_000_000)),
     "max_instruction_bytes": (2048, "longer instructions are refused", (1, 1_000_000)),
-    "cache_bytes": (67108864, "[B] in-process feature cache bound", (0, 1 << 34)),
+    "cache_bytes": (PerceptionConfig.cache_bytes, "[B] in-process feature cache bound", (0, 1 << 34)),
     "stop_at_deepest_layer": (True, "run the VLM only up to the deepest layer the head reads"),
     "reuse_instruction": (True, "reuse the instruction's computation across frames where supported"),
     "torch_threads": (1, "CPU threads of the backbone; more starve the controller on a small machine", (1, 256)),
