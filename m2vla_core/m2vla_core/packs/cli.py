@@ -1,7 +1,7 @@
 """``m2vla pack {train,combine,eval,route}``: skill packs and the task router.
 
   m2vla pack train   --data FEAT --tasks reach_above --name reach --out PACK [--config PRESET|JSON] [--steps N]
-  m2vla pack combine --packs PACK1,PACK2 --out SET [--min-confidence 0.8]
+  m2vla pack combine --packs PACK1,PACK2 --out SET [--min-confidence 0.8] [--min-instruction-similarity auto]
   m2vla pack eval    --policy SET|CKPT [--by-task] [--episodes N] [--tasks ...] [--json FILE]
   m2vla pack route   --policy SET [--episodes 50] [--tasks ...] [--json FILE]
 """
@@ -36,18 +36,34 @@ def _train(args) -> int:
     return 0
 
 
+def _similarity(text: str) -> str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return text
+
+
 def _combine(args) -> int:
     from m2vla_core.packs.configuration_packs import RouterTrainConfig
     from m2vla_core.packs.packed_policy import combine_packs
 
+    similarity = None if args.min_instruction_similarity == "auto" else float(args.min_instruction_similarity)
     rep = combine_packs([p for p in args.packs.split(",") if p], args.out, min_confidence=args.min_confidence,
-                        router_train=RouterTrainConfig(steps=args.router_steps), overwrite=args.overwrite)
+                        min_instruction_similarity=similarity, router_train=RouterTrainConfig(steps=args.router_steps),
+                        overwrite=args.overwrite)
     print(f"pack set {rep.out}: packs {dict(rep.packs)}; router {rep.router_parameters} params, "
-          f"{rep.num_examples} examples, held-out-episode accuracy {rep.router_val_accuracy:.3f}")
+          f"{rep.num_examples} examples, held-out-episode accuracy {rep.router_val_accuracy:.3f}; "
+          f"{rep.num_instructions} training instructions, refuses below similarity {rep.min_instruction_similarity:.3f}")
     _write_json({"out": str(rep.out), "packs": {k: list(v) for k, v in rep.packs.items()},
                  "router_val_accuracy": rep.router_val_accuracy, "router_train_accuracy": rep.router_train_accuracy,
                  "router_parameters": rep.router_parameters, "num_examples": rep.num_examples,
-                 "layer_weights": rep.layer_weights}, args.json)
+                 "layer_weights": rep.layer_weights, "num_instructions": rep.num_instructions,
+                 "min_instruction_similarity": rep.min_instruction_similarity}, args.json)
     return 0
 
 
@@ -102,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--packs", required=True, help="comma-separated pack directories")
     c.add_argument("--out", required=True, help="pack-set directory to write")
     c.add_argument("--min-confidence", type=float, default=0.8, help="router probability below which the policy refuses")
+    c.add_argument("--min-instruction-similarity", default="auto", type=_similarity,
+                   help="refuse instructions less similar than this to every training one; 'auto' (calibrated "
+                        "from the training instructions) or a number in [0, 1] (0: off)")
     c.add_argument("--router-steps", type=int, default=300)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", default="", help="write the combine report here")

@@ -72,6 +72,10 @@ class PackSetConfig:
 
     packs: tuple[PackRef, ...]
     min_confidence: float = 0.8  # router probability below which the policy refuses (infer -> None)
+    # Cosine similarity of the instruction to the nearest one the packs were trained on, below
+    # which the policy refuses: the router's softmax always names *some* pack, even for a task
+    # none covers. 0 disables the check (pack sets made before it existed).
+    min_instruction_similarity: float = 0.0
     router: str = ROUTER_DIR
     format_version: int = PACK_FORMAT_VERSION
 
@@ -83,6 +87,9 @@ class PackSetConfig:
             raise ValueError(f"PackSetConfig.packs has duplicate names: {names}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"PackSetConfig.min_confidence must be in [0, 1], got {self.min_confidence}")
+        if not 0.0 <= self.min_instruction_similarity <= 1.0:
+            raise ValueError(f"PackSetConfig.min_instruction_similarity must be in [0, 1], got "
+                             f"{self.min_instruction_similarity}")
         PackRef("router", self.router)  # same path rules
         if self.format_version != PACK_FORMAT_VERSION:
             raise ValueError(f"PackSetConfig.format_version {self.format_version} unsupported")

@@ -122,8 +122,9 @@ def router_accuracy(policy_path: str | os.PathLike, tasks=None, *, episodes: int
                 hidden, mask = backbone.extract(obs.image, obs.instruction, policy.config.contract).numpy()
                 t0 = time.perf_counter()
                 name, conf, _ = policy.route(hidden, mask)
+                similarity = policy.instruction_similarity_of(hidden, mask)
                 latencies.append((time.perf_counter() - t0) * 1e6)
-                refuse = conf < policy.min_confidence
+                refuse = conf < policy.min_confidence or similarity < policy.min_instruction_similarity
                 refused += refuse
                 routed_right += name == want
                 right += (refuse and not want) or (not refuse and name == want)
@@ -135,7 +136,7 @@ def router_accuracy(policy_path: str | os.PathLike, tasks=None, *, episodes: int
     bar.close()
     covered_tasks = [t for t in tasks if per_task[t]["pack"]]
     return {"policy": str(policy_path), "episodes_per_task": episodes, "seed_offset": seed_offset,
-            "min_confidence": policy.min_confidence,
+            "min_confidence": policy.min_confidence, "min_instruction_similarity": policy.min_instruction_similarity,
             "accuracy": float(np.mean([per_task[t]["accuracy"] for t in covered_tasks])) if covered_tasks else float("nan"),
             "refusal_rate_covered": float(np.mean([per_task[t]["refusal_rate"] for t in covered_tasks])) if covered_tasks
             else float("nan"), "per_task": per_task, "confusion": confusion,

@@ -3,8 +3,11 @@
 ``PackedPolicy`` has the ``HeadPolicy`` interface (``config``, ``reset``, ``infer``), so the
 policy engine, the ROS node and the evaluation agent run it unchanged. Per episode it routes
 once, on the first observation after ``reset``; the chosen pack then acts until the next
-reset. A route whose probability is below ``min_confidence`` is a refusal: ``infer`` returns
-None for the rest of the episode and ``refusal_reason`` says why (the controller holds).
+reset. A route whose probability is below ``min_confidence``, or an instruction less similar
+than ``min_instruction_similarity`` to every instruction the packs were trained on, is a
+refusal: ``infer`` returns None for the rest of the episode and ``refusal_reason`` says why
+(the controller holds). The similarity gate exists because the router's softmax always names
+some pack, confidently, even for a task no pack covers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ from m2vla_core.packs.configuration_packs import (PACK_INFO_NAME, PACK_SET_NAME,
                                                   ROUTER_EXAMPLES_NAME, PackInfo, PackRef, PackSetConfig, RouterConfig,
                                                   RouterTrainConfig)
 from m2vla_core.packs.pack import load_pack_info, load_router_examples
-from m2vla_core.packs.router import TaskRouter, load_router, pool_features, save_router, train_router
+from m2vla_core.packs.router import (TaskRouter, instruction_vectors, leave_one_out_similarity, load_instruction_bank,
+                                     load_router, pool_features, save_instruction_bank, save_router, train_router,
+                                     unique_rows)
+
+AUTO_SIMILARITY_PERCENTILE = 10.0  # of the training instructions' leave-one-out similarities
 
 SHARED_FIELDS = ("contract", "state_dim", "action_space", "action_dim", "chunk_len", "dt_s", "backbone_id",
                  "backbone_digest", "state_names", "action_names")
@@ -56,12 +63,18 @@ class CombineReport:
     router_parameters: int
     num_examples: int
     layer_weights: list[float] = field(default_factory=list)
+    num_instructions: int = 0  # distinct training instructions in the gate's bank
+    min_instruction_similarity: float = 0.0
 
 
 def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: float = 0.8,
-                  router_train: RouterTrainConfig | None = None, router_hidden: int = 64,
-                  overwrite: bool = False) -> CombineReport:
+                  min_instruction_similarity: float | None = None, router_train: RouterTrainConfig | None = None,
+                  router_hidden: int = 64, overwrite: bool = False) -> CombineReport:
     """Copy packs into a self-contained pack set and train its router from their examples.
+
+    ``min_instruction_similarity`` None calibrates the instruction gate from the data: the
+    10th percentile of each distinct training instruction's similarity to its nearest other
+    one (how far a new phrasing of a covered task may stray); 0 disables the gate.
 
     Refuses packs that do not share the feature contract / state / action interface, duplicate
     pack names, and two packs claiming the same task (the router could not tell them apart).
@@ -94,7 +107,11 @@ def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: floa
         eps.append(ex["episode_index"].numpy() + label * 1_000_000)  # episode ids are per dataset: keep them apart
     rcfg = RouterConfig(pack_names=names, num_layers=len(shared.contract.layers), width=shared.contract.width,
                         num_image_tokens=shared.contract.num_image_tokens, hidden=router_hidden)
-    fit = train_router(rcfg, torch.cat(xs), np.concatenate(ys), np.concatenate(eps), router_train)
+    pooled = torch.cat(xs)
+    fit = train_router(rcfg, pooled, np.concatenate(ys), np.concatenate(eps), router_train)
+    bank = unique_rows(instruction_vectors(pooled))
+    if min_instruction_similarity is None:
+        min_instruction_similarity = float(np.percentile(leave_one_out_similarity(bank), AUTO_SIMILARITY_PERCENTILE))
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -114,7 +131,10 @@ def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: floa
                     shutil.copy2(dirs[name] / fname, dst / fname)
             refs.append(PackRef(name=name, path=f"{PACKS_DIR}/{name}"))
         save_router(fit.router, tmp / ROUTER_DIR)
-        save_json(PackSetConfig(packs=tuple(refs), min_confidence=min_confidence), tmp / PACK_SET_NAME)
+        save_instruction_bank(bank, tmp / ROUTER_DIR)
+        save_json(PackSetConfig(packs=tuple(refs), min_confidence=min_confidence,
+                                min_instruction_similarity=round(float(min_instruction_similarity), 6)),
+                  tmp / PACK_SET_NAME)
         os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -124,7 +144,8 @@ def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: floa
         raise
     return CombineReport(out=out, packs={n: infos[n].tasks for n in names}, router_val_accuracy=fit.val_accuracy,
                          router_train_accuracy=fit.train_accuracy, router_parameters=fit.router.num_parameters(),
-                         num_examples=fit.num_train + fit.num_val, layer_weights=fit.router.layer_weights().tolist())
+                         num_examples=fit.num_train + fit.num_val, layer_weights=fit.router.layer_weights().tolist(),
+                         num_instructions=len(bank), min_instruction_similarity=float(min_instruction_similarity))
 
 
 def load_pack_set_config(path: str | os.PathLike) -> PackSetConfig:
@@ -136,7 +157,8 @@ class PackedPolicy:
     """Several packs + a router behind ``HeadPolicy``'s interface; refuses when unsure."""
 
     def __init__(self, packs: dict, router: TaskRouter, set_config: PackSetConfig,
-                 pack_infos: dict[str, PackInfo] | None = None, path: str = "") -> None:
+                 pack_infos: dict[str, PackInfo] | None = None, path: str = "",
+                 instruction_bank: torch.Tensor | None = None) -> None:
         names = set_config.pack_names
         if tuple(packs) != names:
             raise CheckpointError(f"packs {tuple(packs)} do not match {PACK_SET_NAME} {names}")
@@ -155,6 +177,11 @@ class PackedPolicy:
         self.pack_infos = pack_infos or {}
         self.path = path
         self.min_confidence = float(set_config.min_confidence)
+        self.min_instruction_similarity = float(set_config.min_instruction_similarity)
+        if self.min_instruction_similarity > 0 and instruction_bank is None:
+            raise CheckpointError(f"{PACK_SET_NAME} sets min_instruction_similarity but the router has no "
+                                  f"instruction bank; re-run `m2vla pack combine`")
+        self.instruction_bank = instruction_bank  # (M, L * D) unit vectors
         self.forced_pack = ""  # set when the task is named: the router is skipped
         self.reset()
 
@@ -172,7 +199,9 @@ class PackedPolicy:
             if infos[ref.name].name != ref.name:
                 raise CheckpointError(f"{pack_dir}: pack.json names {infos[ref.name].name!r}, {PACK_SET_NAME} says {ref.name!r}")
             packs[ref.name] = HeadPolicy.load(pack_dir, backend=backend, device=device, backbone=backbone, threads=threads)
-        return cls(packs, load_router(root / set_config.router), set_config, infos, str(root))
+        router = load_router(root / set_config.router)
+        bank = load_instruction_bank(root / set_config.router, router.config.num_layers * router.config.width)
+        return cls(packs, router, set_config, infos, str(root), bank)
 
     # -- state per episode --------------------------------------------------------------------
     @property
@@ -197,19 +226,28 @@ class PackedPolicy:
         self.routed_pack = ""
         self.route_confidence = 0.0
         self.route_probabilities: dict[str, float] = {}
+        self.instruction_similarity = float("nan")  # to the nearest training instruction, at the route
         self.refusal_reason = ""
         self._refused = False
         for p in getattr(self, "packs", {}).values():
             p.reset()
 
     # -- routing ------------------------------------------------------------------------------
+    def _pooled(self, hidden: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        return pool_features(np.asarray(hidden, dtype=np.float32), np.asarray(mask, dtype=bool),
+                             self.config.contract.num_image_tokens).unsqueeze(0)  # (1, L, 2, D)
+
     def route(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
         """(best pack, its probability, all probabilities) for one observation; pure (no state change)."""
-        pooled = pool_features(np.asarray(hidden, dtype=np.float32), np.asarray(mask, dtype=bool),
-                               self.config.contract.num_image_tokens)  # (L, 2, D)
-        probs = self.router.probabilities(pooled.unsqueeze(0))[0].numpy()  # (n_packs,)
+        probs = self.router.probabilities(self._pooled(hidden, mask))[0].numpy()  # (n_packs,)
         best = int(np.argmax(probs))
         return self.pack_names[best], float(probs[best]), {n: float(p) for n, p in zip(self.pack_names, probs)}
+
+    def instruction_similarity_of(self, hidden: np.ndarray, mask: np.ndarray) -> float:
+        """Cosine similarity of the observation's instruction to the nearest training one (nan: no bank)."""
+        if self.instruction_bank is None:
+            return float("nan")
+        return float((self.instruction_bank @ instruction_vectors(self._pooled(hidden, mask))[0]).max())
 
     def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> np.ndarray | None:
         """features (L, T, D), mask (T,), state (S,) -> chunk (H, A) of the routed pack, or None (refusal)."""
@@ -223,6 +261,13 @@ class PackedPolicy:
                 name, conf, probs = self.route(hidden, mask)
                 self.route_probabilities = probs
                 self.route_confidence = conf
+                similarity = self.instruction_similarity = self.instruction_similarity_of(hidden, mask)
+                if similarity < self.min_instruction_similarity:
+                    self._refused = True
+                    self.refusal_reason = (f"instruction unlike any the packs were trained on: similarity "
+                                           f"{similarity:.3f} < min_instruction_similarity "
+                                           f"{self.min_instruction_similarity:.3f}; refusing to act this episode")
+                    return None
                 if conf < self.min_confidence:
                     self._refused = True
                     self.refusal_reason = (f"task router is not confident: best pack {name!r} at p={conf:.2f} < "

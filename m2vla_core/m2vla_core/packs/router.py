@@ -23,6 +23,7 @@ from m2vla_core.packs.configuration_packs import RouterConfig, RouterTrainConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INSTRUCTIONS_NAME = "instructions.safetensors"  # the packs' training instructions, as unit vectors
 
 
 def pool_features(hidden, mask, num_image_tokens: int) -> torch.Tensor:
@@ -46,6 +47,56 @@ def pool_features(hidden, mask, num_image_tokens: int) -> torch.Tensor:
     text = (h[:, :, n:] * tm[:, None, :, None]).sum(dim=2) / tm.sum(-1).clamp(min=1.0)[:, None, None]  # (B, L, D)
     pooled = torch.stack([image, text], dim=2)  # (B, L, 2, D)
     return pooled[0] if single else pooled
+
+
+def instruction_vectors(pooled: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pooled (B, L, 2, D) -> (B, L * D) unit vectors of the instruction alone.
+
+    The instruction precedes the frame in the backbone's sequence, so under causal attention
+    these do not depend on the image: one vector per distinct instruction text.
+    """
+    text = pooled[:, :, 1].float()  # (B, L, D)
+    text = text * text.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()  # every layer counts the same
+    flat = text.flatten(1)
+    return flat / flat.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+def unique_rows(x: torch.Tensor, decimals: int = 5) -> torch.Tensor:
+    """Distinct rows of (N, K) up to rounding (the same instruction seen in many episodes)."""
+    _, index = np.unique(np.round(x.numpy(), decimals), axis=0, return_index=True)
+    return x[np.sort(index)]
+
+
+def leave_one_out_similarity(bank: torch.Tensor) -> np.ndarray:
+    """(M,) cosine similarity of each bank vector to its nearest *other* one."""
+    if len(bank) < 2:
+        return np.ones(len(bank))
+    sims = bank @ bank.T
+    sims.fill_diagonal_(-1.0)
+    return sims.max(dim=1).values.numpy()
+
+
+def save_instruction_bank(bank: torch.Tensor, directory: str | os.PathLike) -> None:
+    atomic_save_safetensors({"vectors": bank.contiguous().float()}, Path(directory) / INSTRUCTIONS_NAME,
+                            {"format": "m2vla-instruction-bank", "version": "1"})
+
+
+def load_instruction_bank(directory: str | os.PathLike, width: int) -> torch.Tensor | None:
+    """(M, width) unit vectors, or None for a router saved before the instruction gate existed."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / INSTRUCTIONS_NAME
+    if not path.is_file():
+        return None
+    check_safetensors_file(path)
+    tensors = load_file(str(path))
+    bank = tensors.get("vectors")
+    if set(tensors) != {"vectors"} or bank is None or bank.dim() != 2 or bank.shape[1] != width or len(bank) == 0:
+        raise CheckpointError(f"{path}: expected one tensor 'vectors' shaped (M, {width}), got "
+                              f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+    if not torch.isfinite(bank).all():
+        raise CheckpointError(f"{path}: non-finite values")
+    return bank.float()
 
 
 class TaskRouter(nn.Module):
