@@ -72,6 +72,22 @@ def test_second_features_run_is_served_from_the_disk_cache(pipeline, tmp_path):
     assert summary["computed"] == 0 and summary["cached"] == summary["samples"] > 0
 
 
+def test_appending_a_second_recording_keeps_its_episodes_apart_from_the_first(pipeline, tmp_path):
+    from m2vla_core.training.feature_dataset import FeatureDataset
+
+    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8, chunk_len=8)
+    out = tmp_path / "both"
+    first = build_feature_dataset(pipeline["data"], out, config, cache_dir=pipeline["cache"], progress=False)
+    second = build_feature_dataset(pipeline["data"], out, config, cache_dir=pipeline["cache"], progress=False,
+                                   append=True)  # another recording: its episode indices restart at 0 too
+    assert (first["episode_offset"], second["episode_offset"]) == (0, first["episodes"])
+    data = FeatureDataset(out)
+    assert len(np.unique(data.episode_index)) == first["episodes"] + second["episodes"]
+    assert data.meta.num_episodes == first["episodes"] + second["episodes"]
+    half = len(data) // 2
+    np.testing.assert_array_equal(data.episode_index[half:], data.episode_index[:half] + first["episodes"])
+
+
 def test_eval_writes_json_table_chart_and_gif_on_held_out_seeds(pipeline, capsys):
     out = pipeline["root"] / "eval"
     json_path = pipeline["root"] / "eval.json"

@@ -118,8 +118,13 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                               state_names=state_names if len(state_names) == state_dim else (),
                               action_names=action_names if len(action_names) == action_dim else (),
                               task_names=tuple(tasks))
-    summary = {"episodes": 0, "samples": 0, "computed": 0, "cached": 0, "out": str(out_dir)}
     writer = FeatureDatasetWriter(out_dir, meta, append=append)
+    # Episode indices restart at 0 in every recorded dataset: appended ones are shifted past the
+    # existing ones, or the episode split and the skill memory's same-episode exclusion would
+    # treat two different demonstrations as one.
+    episode_offset = writer.next_episode_index
+    summary = {"episodes": 0, "samples": 0, "computed": 0, "cached": 0, "out": str(out_dir),
+               "episode_offset": episode_offset}
     bar = tqdm(total=len(indices), unit="ep", desc="features", disable=not progress, dynamic_ncols=True)
     try:
         for index in indices:
@@ -149,7 +154,7 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                 task_index = len(tasks) + extra_tasks.index(task)
             n = len(ep)
             writer.add(hidden, mask, ep.states, future_chunks(ep.actions, config.chunk_len),
-                       np.full(n, index, dtype=np.int64), np.full(n, task_index, dtype=np.int64))
+                       np.full(n, index + episode_offset, dtype=np.int64), np.full(n, task_index, dtype=np.int64))
             summary["episodes"] += 1
             summary["samples"] += n
             bar.update(1)

@@ -124,6 +124,11 @@ class FeatureDatasetWriter:
         self._pending_n = 0
         self._closed = False
 
+    @property
+    def next_episode_index(self) -> int:
+        """One past the largest episode index written so far (0 for a new dataset)."""
+        return max(self._episodes) + 1 if self._episodes else 0
+
     def add(self, hidden: Any, mask: Any, state: Any, actions: Any, episode_index: Any, task_index: Any) -> None:
         """One sample (hidden (n_layers, T, D), ...) or a batch (hidden (N, n_layers, T, D), ...)."""
         if self._closed:
