@@ -16,14 +16,15 @@ from m2vla_core.heads.checkpoint import load_head_config
 from m2vla_msgs.msg import ActionChunk, LayerFeatures, PolicyStatus
 from m2vla_ros import qos
 from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
-from test_controller_node import HOME, SIM_JOINTS, _domain, _start, _stop
+from test_controller_node import HOME, SIM_JOINTS, _start, _stop
 
 SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 3 s of new features is not the timer's doing
 WAIT_S = 90.0  # process start imports torch + onnxruntime on a shared 2-core machine
 
 
-def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for_the_control_timer(tmp_path):
-    domain = _domain(40)
+def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for_the_control_timer(tmp_path,
+                                                                                                  ros_domain_id):
+    domain = ros_domain_id  # 1..101 (conftest); ROS domains end at 232
     policy = _start("m2vla_ros.policy_node", domain, tmp_path / "policy.log", f"control_rate_hz:={SLOW_RATE_HZ}",
                     "max_feature_age_s:=30.0")
     ctx = rclpy.Context()
