@@ -83,9 +83,11 @@ class PolicyNode(Node):
         control_group = MutuallyExclusiveCallbackGroup()  # the tick never waits behind a service call
         self.create_timer(1.0 / float(self.p["control_rate_hz"]), guard("tick", self._tick),
                           callback_group=control_group)
-        # The first features of a new instruction are acted on at once, not at the next timer phase
-        # (up to one control period later); same callback group, so never concurrent with a tick.
-        self._tick_now = self.create_guard_condition(guard("tick", self._tick), callback_group=control_group)
+        # The first features of a new instruction are acted on at once, in the features callback,
+        # not at the next timer phase (up to one control period later). _tick_lock keeps that tick
+        # and the timer's from running at the same time.
+        self._tick_lock = threading.Lock()
+        self._tick_now = guard("tick", self._tick)
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
         self.create_service(LoadPolicy, "~/load_policy", guard("load_policy", self._on_load_policy, _failed_response))
@@ -159,7 +161,7 @@ class PolicyNode(Node):
             self._perception_digest = str(msg.backbone_digest)
             self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
         if new_instruction:
-            self._tick_now.trigger()
+            self._tick_now()
 
     def _on_joint_state(self, msg: JointState) -> None:
         if not (self.engine.loaded and self._usable):
@@ -194,6 +196,10 @@ class PolicyNode(Node):
 
     # -- control tick -------------------------------------------------------------------------
     def _tick(self) -> None:
+        with self._tick_lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
         if not (self.engine.loaded and self._usable):
             return
         with self._lock:
