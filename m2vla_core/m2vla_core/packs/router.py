@@ -19,6 +19,7 @@ from torch import nn
 from m2vla_core.config_io import save_json
 from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file,
                                         load_config_file, refuse_pickles)
+from m2vla_core.heads.layers import rms_normalize
 from m2vla_core.packs.configuration_packs import RouterConfig, RouterTrainConfig
 
 CONFIG_NAME = "config.json"
@@ -55,8 +56,7 @@ def instruction_vectors(pooled: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     The instruction precedes the frame in the backbone's sequence, so under causal attention
     these do not depend on the image: one vector per distinct instruction text.
     """
-    text = pooled[:, :, 1].float()  # (B, L, D)
-    text = text * text.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()  # every layer counts the same
+    text = rms_normalize(pooled[:, :, 1].float(), eps)  # (B, L, D): every layer counts the same
     flat = text.flatten(1)
     return flat / flat.norm(dim=-1, keepdim=True).clamp(min=eps)
 
@@ -117,8 +117,7 @@ class TaskRouter(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         self.check(pooled)
-        rms = pooled.pow(2).mean(-1, keepdim=True).add(self.config.eps).rsqrt()
-        x = pooled * rms  # (B, L, 2, D), unit RMS per vector: layers of very different scale mix fairly
+        x = rms_normalize(pooled, self.config.eps)  # (B, L, 2, D), unit RMS per vector: layers of very different scale mix fairly
         w = torch.softmax(self.layer_logits, dim=0)  # (L,)
         mixed = torch.einsum("blkd,l->bkd", x, w).flatten(1)  # (B, 2 * D)
         return self.mlp(self.norm(mixed))  # (B, n_packs)
