@@ -121,10 +121,9 @@ def router_accuracy(policy_path: str | os.PathLike, tasks=None, *, episodes: int
                 obs = env.reset(task, seed_offset + i)
                 hidden, mask = backbone.extract(obs.image, obs.instruction, policy.config.contract).numpy()
                 t0 = time.perf_counter()
-                name, conf, _ = policy.route(hidden, mask)
-                similarity = policy.instruction_similarity_of(hidden, mask)
+                decision = policy.decide(hidden, mask)
                 latencies.append((time.perf_counter() - t0) * 1e6)
-                refuse = conf < policy.min_confidence or similarity < policy.min_instruction_similarity
+                name, refuse = decision.pack, bool(decision.refusal)
                 refused += refuse
                 routed_right += name == want
                 right += (refuse and not want) or (not refuse and name == want)

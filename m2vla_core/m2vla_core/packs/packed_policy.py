@@ -148,6 +148,15 @@ def combine_packs(pack_dirs, out_dir: str | os.PathLike, *, min_confidence: floa
                          num_instructions=len(bank), min_instruction_similarity=float(min_instruction_similarity))
 
 
+@dataclass(frozen=True)
+class RouteDecision:
+    pack: str  # the router's best pack
+    confidence: float  # its probability
+    probabilities: dict[str, float]
+    instruction_similarity: float  # to the nearest training instruction; nan without a bank
+    refusal: str  # why the policy refuses this episode; "" = it acts
+
+
 def load_pack_set_config(path: str | os.PathLike) -> PackSetConfig:
     return load_config_file(PackSetConfig, Path(path) / PACK_SET_NAME,
                             f"{path}: no {PACK_SET_NAME}; not a pack set (make one with `m2vla pack combine`)")
@@ -237,17 +246,34 @@ class PackedPolicy:
         return pool_features(np.asarray(hidden, dtype=np.float32), np.asarray(mask, dtype=bool),
                              self.config.contract.num_image_tokens).unsqueeze(0)  # (1, L, 2, D)
 
+    def decide(self, hidden: np.ndarray, mask: np.ndarray) -> RouteDecision:
+        """The route for one observation and whether to refuse it; pure (no state change).
+
+        The one place both refusal rules live: ``infer`` acts on it, ``router_accuracy`` counts it.
+        """
+        pooled = self._pooled(hidden, mask)
+        probs = self.router.probabilities(pooled)[0].numpy()  # (n_packs,)
+        best = int(np.argmax(probs))
+        name, conf = self.pack_names[best], float(probs[best])
+        similarity = (float("nan") if self.instruction_bank is None
+                      else float((self.instruction_bank @ instruction_vectors(pooled)[0]).max()))
+        refusal = ""
+        if similarity < self.min_instruction_similarity:
+            refusal = (f"instruction unlike any the packs were trained on: similarity {similarity:.3f} < "
+                       f"min_instruction_similarity {self.min_instruction_similarity:.3f}; refusing to act this episode")
+        elif conf < self.min_confidence:
+            refusal = (f"task router is not confident: best pack {name!r} at p={conf:.2f} < "
+                       f"min_confidence {self.min_confidence:.2f}; refusing to act this episode")
+        return RouteDecision(name, conf, {n: float(p) for n, p in zip(self.pack_names, probs)}, similarity, refusal)
+
     def route(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
         """(best pack, its probability, all probabilities) for one observation; pure (no state change)."""
-        probs = self.router.probabilities(self._pooled(hidden, mask))[0].numpy()  # (n_packs,)
-        best = int(np.argmax(probs))
-        return self.pack_names[best], float(probs[best]), {n: float(p) for n, p in zip(self.pack_names, probs)}
+        d = self.decide(hidden, mask)
+        return d.pack, d.confidence, d.probabilities
 
     def instruction_similarity_of(self, hidden: np.ndarray, mask: np.ndarray) -> float:
         """Cosine similarity of the observation's instruction to the nearest training one (nan: no bank)."""
-        if self.instruction_bank is None:
-            return float("nan")
-        return float((self.instruction_bank @ instruction_vectors(self._pooled(hidden, mask))[0]).max())
+        return self.decide(hidden, mask).instruction_similarity
 
     def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray) -> np.ndarray | None:
         """features (L, T, D), mask (T,), state (S,) -> chunk (H, A) of the routed pack, or None (refusal)."""
@@ -258,22 +284,14 @@ class PackedPolicy:
             if self.forced_pack:
                 self.routed_pack, self.route_confidence = self.forced_pack, 1.0
             else:
-                name, conf, probs = self.route(hidden, mask)
-                self.route_probabilities = probs
-                self.route_confidence = conf
-                similarity = self.instruction_similarity = self.instruction_similarity_of(hidden, mask)
-                if similarity < self.min_instruction_similarity:
+                d = self.decide(hidden, mask)
+                self.route_probabilities, self.route_confidence = d.probabilities, d.confidence
+                self.instruction_similarity = d.instruction_similarity
+                if d.refusal:
                     self._refused = True
-                    self.refusal_reason = (f"instruction unlike any the packs were trained on: similarity "
-                                           f"{similarity:.3f} < min_instruction_similarity "
-                                           f"{self.min_instruction_similarity:.3f}; refusing to act this episode")
+                    self.refusal_reason = d.refusal
                     return None
-                if conf < self.min_confidence:
-                    self._refused = True
-                    self.refusal_reason = (f"task router is not confident: best pack {name!r} at p={conf:.2f} < "
-                                           f"min_confidence {self.min_confidence:.2f}; refusing to act this episode")
-                    return None
-                self.routed_pack = name
+                self.routed_pack = d.pack
         return self.packs[self.routed_pack].infer(hidden, mask, state)
 
 
