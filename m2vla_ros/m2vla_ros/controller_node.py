@@ -40,7 +40,8 @@ from m2vla_core.control import (
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
-from m2vla_ros.conversions import INTERNAL, array_to_joint_state, joint_state_to_array, msg_to_chunk, short
+from m2vla_ros.conversions import (array_to_joint_state, failed_service_response, guard_callback, joint_state_to_array,
+                                   msg_to_chunk, short)
 from m2vla_ros.params import declare_parameters
 
 OUTPUTS = ("sim", "joint_trajectory")
@@ -107,8 +108,8 @@ class ControllerNode(Node):
         self.create_subscription(JointState, "/joint_states", guard("joint_state", self._on_joint_state), qos.SENSOR)
         # an e-stop that cannot be parsed (cannot happen with std_msgs/Bool) still engages it
         self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop, self._estop_fallback), qos.ESTOP)
-        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, _failed_response))
-        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_response))
+        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, failed_service_response))
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, failed_service_response))
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._on_status_timer))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
 
@@ -151,18 +152,15 @@ class ControllerNode(Node):
     # -- inputs -------------------------------------------------------------------------------
     def _guard(self, what: str, callback, fallback=None):
         """``callback`` that never raises out of the executor (which would end the node)."""
+        return guard_callback(what, callback, self._reject_internal, fallback)
 
-        def guarded(*args):
-            try:
-                return callback(*args)
-            except Exception as exc:  # noqa: BLE001 - one odd message must not stop the command stream
-                reason = short(f"{INTERNAL}: {type(exc).__name__}: {exc}")
-                with self._lock:
-                    self.streamer.reject(what, reason)
-                self.get_logger().error(f"{what} callback failed: {reason}", throttle_duration_sec=1.0)
-                return fallback(*args) if fallback is not None else None
-
-        return guarded
+    def _reject_internal(self, what: str, reason: str) -> None:
+        """An unexpected callback exception: counted by the streamer (one odd message must not stop
+        the command stream) and logged."""
+        reason = short(reason)
+        with self._lock:
+            self.streamer.reject(what, reason)
+        self.get_logger().error(f"{what} callback failed: {reason}", throttle_duration_sec=1.0)
 
     def _estop_fallback(self, _msg) -> None:
         with self._lock:
@@ -339,15 +337,6 @@ class ControllerNode(Node):
         if self._loop_thread.is_alive():
             self._loop_thread.join(timeout=2.0)
         super().destroy_node()
-
-
-def _failed_response(_request, response):
-    """What a guarded service answers when its handler raised."""
-    response.success = False
-    response.message = "internal error; see the node log and /diagnostics"
-    if hasattr(response, "error_code"):
-        response.error_code = getattr(type(_request), "FAILED", 0)
-    return response
 
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # default 5 ms: the command thread would wait that long for the GIL

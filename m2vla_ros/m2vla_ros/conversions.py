@@ -94,22 +94,42 @@ class Rejections:
             return dict(self.counts)
 
     def guard(self, what: str, callback: Callable, fallback: Callable[..., Any] | None = None) -> Callable:
-        """``callback`` that never raises: an unexpected exception is a counted ``internal`` rejection.
+        """``guard_callback`` counting an unexpected exception here, as a ``<what>:internal`` rejection."""
+        return guard_callback(what, callback, self.reject, fallback)
 
-        rclpy re-raises callback exceptions out of ``spin()``, which would end the node; a bug
-        triggered by one odd message must cost that message, not the robot's controller.
-        ``fallback(*args)`` gives the return value in that case (a service's response).
-        """
 
-        @functools.wraps(callback)
-        def guarded(*args: Any) -> Any:
-            try:
-                return callback(*args)
-            except Exception as exc:  # noqa: BLE001 - see docstring
-                self.reject(what, f"{INTERNAL}: {type(exc).__name__}: {exc}")
-                return fallback(*args) if fallback is not None else None
+def guard_callback(what: str, callback: Callable, on_error: Callable[[str, str], None],
+                   fallback: Callable[..., Any] | None = None) -> Callable:
+    """``callback`` that never raises: an unexpected exception goes to ``on_error(what, "internal: ...")``.
 
-        return guarded
+    rclpy re-raises callback exceptions out of ``spin()``, which would end the node; a bug
+    triggered by one odd message must cost that message, not the robot's controller.
+    ``fallback(*args)`` gives the return value in that case (a service's response).
+    """
+
+    @functools.wraps(callback)
+    def guarded(*args: Any) -> Any:
+        try:
+            return callback(*args)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            on_error(what, f"{INTERNAL}: {type(exc).__name__}: {exc}")
+            return fallback(*args) if fallback is not None else None
+
+    return guarded
+
+
+def failed_service_response(request: Any, response: Any) -> Any:
+    """What a guarded service answers when its handler raised: a failure, never a dead node.
+
+    ``error_code`` (where the service has one) is the request type's ``FAILED`` constant, else
+    ``BACKEND_ERROR``, else 0.
+    """
+    response.success = False
+    if hasattr(response, "message"):
+        response.message = "internal error; see the node log and /diagnostics"
+    if hasattr(response, "error_code"):
+        response.error_code = getattr(type(request), "FAILED", getattr(type(request), "BACKEND_ERROR", 0))
+    return response
 
 
 # ---------------------------------------------------------------------------------- time

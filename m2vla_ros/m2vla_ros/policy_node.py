@@ -35,7 +35,8 @@ from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicySt
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import qos
 from m2vla_ros.conversions import (
-    Rejections, chunk_to_msg, contract_to_msg, joint_state_to_array, msg_to_features, short, stamp_to_ns,
+    Rejections, chunk_to_msg, contract_to_msg, failed_service_response, joint_state_to_array, msg_to_features, short,
+    stamp_to_ns,
 )
 from m2vla_ros.params import declare_parameters
 
@@ -90,9 +91,10 @@ class PolicyNode(Node):
         self._tick_now = guard("tick", self._tick)
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
-        self.create_service(LoadPolicy, "~/load_policy", guard("load_policy", self._on_load_policy, _failed_response))
-        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_response))
-        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, _failed_response))
+        self.create_service(LoadPolicy, "~/load_policy",
+                            guard("load_policy", self._on_load_policy, failed_service_response))
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, failed_service_response))
+        self.create_service(Stop, "~/stop", guard("stop", self._on_stop, failed_service_response))
         self._load(self.p["checkpoint"], self.p["backend"])
 
     # -- loading ------------------------------------------------------------------------------
@@ -291,16 +293,6 @@ class PolicyNode(Node):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(array)
-
-
-def _failed_response(_request, response):
-    """What a guarded service answers when its handler raised: a failure, never a dead node."""
-    response.success = False
-    if hasattr(response, "message"):
-        response.message = "internal error; see the node log and /diagnostics"
-    if hasattr(response, "error_code"):
-        response.error_code = getattr(type(_request), "FAILED", getattr(type(_request), "BACKEND_ERROR", 0))
-    return response
 
 
 def main(args: list[str] | None = None) -> None:

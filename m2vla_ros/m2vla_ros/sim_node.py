@@ -39,7 +39,8 @@ from m2vla_core.sim.scene import COLOURS_RGBA, CUBE_SIZE_M, CameraConfig
 from m2vla_msgs.msg import TaskStatus
 from m2vla_msgs.srv import Reset
 from m2vla_ros import qos
-from m2vla_ros.conversions import Rejections, array_to_image, array_to_joint_state, joint_state_to_array, short
+from m2vla_ros.conversions import (Rejections, array_to_image, array_to_joint_state, failed_service_response,
+                                   joint_state_to_array, short)
 from m2vla_ros.params import declare_parameters
 
 MAX_CATCH_UP_S = 0.25
@@ -89,7 +90,7 @@ class SimNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
         guard = self.rejections.guard
         self.create_subscription(JointState, "/m2vla/joint_command", guard("command", self._on_command), qos.COMMANDS)
-        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, _failed_reset))
+        self.create_service(Reset, "~/reset", guard("reset", self._on_reset, failed_service_response))
 
         self._reset_episode(self._task, self._seed)
         self._last_joint_pub = 0.0
@@ -272,12 +273,6 @@ class SimNode(Node):
             self.env.close()
         finally:
             super().destroy_node()
-
-
-def _failed_reset(_request: Reset.Request, response: Reset.Response) -> Reset.Response:
-    response.success, response.error_code = False, Reset.Request.FAILED
-    response.message = "internal error; see the node log and /diagnostics"
-    return response
 
 
 def main(args: list[str] | None = None) -> None:
