@@ -26,7 +26,7 @@ import time
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Duration
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
@@ -40,8 +40,8 @@ from m2vla_core.control import (
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
-from m2vla_ros.conversions import (array_to_joint_state, failed_service_response, guard_callback, joint_state_to_array,
-                                   msg_to_chunk, short)
+from m2vla_ros.conversions import (array_to_joint_state, diagnostic_array, failed_service_response, guard_callback,
+                                   joint_state_to_array, msg_to_chunk, short)
 from m2vla_ros.params import declare_parameters
 
 OUTPUTS = ("sim", "joint_trajectory")
@@ -324,13 +324,10 @@ class ControllerNode(Node):
             level = DiagnosticStatus.ERROR
         elif self.status.chunks_rejected or any(k.startswith("joint_state:") for k in values):
             level = DiagnosticStatus.WARN
-        status = DiagnosticStatus(name="m2vla_controller", hardware_id=self.p["output"], level=level, message=message)
         items = {**{k: str(v) for k, v in values.items()}, **{k: f"{v:.4g}" for k, v in timing.items()},
                  "last_rejection": last}
-        status.values = [KeyValue(key=k, value=v) for k, v in sorted(items.items())]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(array)
+        self.diag_pub.publish(diagnostic_array("m2vla_controller", self.p["output"], level, message,
+                                               dict(sorted(items.items())), self.get_clock().now().to_msg()))
 
     def destroy_node(self) -> None:
         self._stop_loop.set()

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from sensor_msgs.msg import Image, JointState
 
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures
@@ -130,6 +131,16 @@ def failed_service_response(request: Any, response: Any) -> Any:
     if hasattr(response, "error_code"):
         response.error_code = getattr(type(request), "FAILED", getattr(type(request), "BACKEND_ERROR", 0))
     return response
+
+
+def diagnostic_array(name: str, hardware_id: str, level: Any, message: str, items: Mapping[str, Any],
+                     stamp: Time) -> DiagnosticArray:
+    """One node's /diagnostics message: its status and the ``items`` as key / text value pairs, in order."""
+    status = DiagnosticStatus(name=name, hardware_id=hardware_id, level=level, message=message)
+    status.values = [KeyValue(key=str(k), value=str(v)) for k, v in items.items()]
+    array = DiagnosticArray(status=[status])
+    array.header.stamp = stamp
+    return array
 
 
 # ---------------------------------------------------------------------------------- time

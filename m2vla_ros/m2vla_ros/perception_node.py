@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
@@ -31,7 +31,8 @@ from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_msgs.msg import FeatureContract, LayerFeatures
 from m2vla_ros import qos
-from m2vla_ros.conversions import Rejections, contract_from_msg, features_to_msg, image_to_rgb, short
+from m2vla_ros.conversions import (Rejections, contract_from_msg, diagnostic_array, features_to_msg, image_to_rgb,
+                                   short)
 from m2vla_ros.params import declare_parameters
 
 PARAMETERS = {
@@ -193,18 +194,15 @@ class PerceptionNode(Node):
             self.counters["features_published"] += 1
 
     def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(name="m2vla_perception", hardware_id=self.engine.backbone_id or "",
-                                  level=DiagnosticStatus.OK, message="ok")
         rejections = self.rejections.snapshot()
         rejected = sum(rejections.values())
+        level, message = DiagnosticStatus.OK, "ok"
         if self.counters["backbone_errors"] or rejected:
-            status.level, status.message = DiagnosticStatus.WARN, f"{rejected} inputs refused"
+            level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused"
         items = {**self.counters, **self.engine.stats(), **rejections, "rejected_total": rejected,
                  "last_rejection": self.rejections.last}
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(array)
+        self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
+                                               self.get_clock().now().to_msg()))
 
     def destroy_node(self) -> None:
         self._stop.set()

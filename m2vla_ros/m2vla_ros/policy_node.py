@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -35,8 +35,8 @@ from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicySt
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import qos
 from m2vla_ros.conversions import (
-    Rejections, chunk_to_msg, contract_to_msg, failed_service_response, joint_state_to_array, msg_to_features, short,
-    stamp_to_ns,
+    Rejections, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response, joint_state_to_array,
+    msg_to_features, short, stamp_to_ns,
 )
 from m2vla_ros.params import declare_parameters
 
@@ -283,16 +283,12 @@ class PolicyNode(Node):
             level = DiagnosticStatus.ERROR
         elif rejections or self.status.state == PolicyStatus.STATE_REFUSED:
             level = DiagnosticStatus.WARN
-        status = DiagnosticStatus(name="m2vla_policy", hardware_id=self.status.backend or "", level=level,
-                                  message=self.status.message)
         items = {"state": self.status.state, "checkpoint": self.status.checkpoint,
                  "chunks_published": self.status.chunks_published, "last_sequence_id": self.status.last_sequence_id,
                  "feature_age_s": f"{self.status.feature_age_s:.3f}", "inference_ms": f"{self.status.inference_ms:.3f}",
                  "rejected_total": sum(rejections.values()), "last_rejection": self.rejections.last, **rejections}
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(array)
+        self.diag_pub.publish(diagnostic_array("m2vla_policy", self.status.backend or "", level, self.status.message,
+                                               items, self.get_clock().now().to_msg()))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseStamped
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -39,8 +39,8 @@ from m2vla_core.sim.scene import COLOURS_RGBA, CUBE_SIZE_M, CameraConfig
 from m2vla_msgs.msg import TaskStatus
 from m2vla_msgs.srv import Reset
 from m2vla_ros import qos
-from m2vla_ros.conversions import (Rejections, array_to_image, array_to_joint_state, failed_service_response,
-                                   joint_state_to_array, short)
+from m2vla_ros.conversions import (Rejections, array_to_image, array_to_joint_state, diagnostic_array,
+                                   failed_service_response, joint_state_to_array, short)
 from m2vla_ros.params import declare_parameters
 
 MAX_CATCH_UP_S = 0.25
@@ -258,15 +258,11 @@ class SimNode(Node):
 
     def _publish_diagnostics(self) -> None:
         rejections = self.rejections.snapshot()
-        status = DiagnosticStatus(name="m2vla_sim", hardware_id="pybullet",
-                                  level=DiagnosticStatus.WARN if rejections else DiagnosticStatus.OK,
-                                  message=f"{sum(rejections.values())} inputs refused" if rejections else "ok")
         items = {**self.counters, "task": self._task, "episode": self._episode,
                  "rejected_total": sum(rejections.values()), "last_rejection": self.rejections.last, **rejections}
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in items.items()]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(array)
+        self.diag_pub.publish(diagnostic_array(
+            "m2vla_sim", "pybullet", DiagnosticStatus.WARN if rejections else DiagnosticStatus.OK,
+            f"{sum(rejections.values())} inputs refused" if rejections else "ok", items, self.get_clock().now().to_msg()))
 
     def destroy_node(self) -> None:
         try:
