@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import time
@@ -45,3 +46,24 @@ def test_nothing_is_called_stale_when_a_process_cannot_be_inspected_unless_the_c
     assert (tmp_path / "fastdds_port7411").exists()
     assert [p.name for p in stale_segments(tmp_path, proc=proc, grace_s=60, ignore_uninspectable=True)] == [
         "fastdds_port7411"]
+
+
+def test_a_held_owner_lock_keeps_its_family_even_when_proc_does_not_show_the_owner(tmp_path):
+    """Another container sharing /dev/shm: its processes are not in our /proc, but their flocks are."""
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    shm.mkdir()
+    (proc / "4242" / "maps").mkdir(parents=True)  # and one process we cannot inspect
+    (proc / "4242" / "fd").mkdir()
+    live = ["fastdds_port7500", "fastdds_port7500_el", "sem.fastdds_port7500_mutex"]
+    dead = ["fastdds_1234abcd", "fastdds_1234abcd_el"]  # its owner lock is free: the owner died
+    for name in live + dead:
+        _make(shm / name, age_s=600)
+    owner = os.open(shm / "fastdds_port7500_el", os.O_RDONLY)
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # what a live Fast DDS participant holds on its port
+        assert [p.name for p in stale_segments(shm, proc=proc, grace_s=60)] == dead
+        assert sorted(p.name for p in remove_stale_segments(shm, proc=proc, grace_s=60)) == dead
+        assert sorted(p.name for p in shm.iterdir()) == sorted(live)
+    finally:
+        os.close(owner)
+    assert sorted(p.name for p in remove_stale_segments(shm, proc=proc, grace_s=60)) == sorted(live)
