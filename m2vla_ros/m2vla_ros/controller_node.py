@@ -29,6 +29,7 @@ from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -40,8 +41,8 @@ from m2vla_core.control import (
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
-from m2vla_ros.conversions import (array_to_joint_state, diagnostic_array, failed_service_response, guard_callback,
-                                   joint_state_to_array, msg_to_chunk, short)
+from m2vla_ros.conversions import (arrival_monotonic, array_to_joint_state, diagnostic_array,
+                                   failed_service_response, guard_callback, joint_state_to_array, msg_to_chunk, short)
 from m2vla_ros.params import declare_parameters
 
 OUTPUTS = ("sim", "joint_trajectory")
@@ -186,7 +187,7 @@ class ControllerNode(Node):
         if reason is not None:
             self.get_logger().warning(f"chunk #{fields.sequence_id} refused: {reason}", throttle_duration_sec=1.0)
 
-    def _on_joint_state(self, msg: JointState) -> None:
+    def _on_joint_state(self, msg: JointState, info: MessageInfo) -> None:
         try:
             positions = joint_state_to_array(msg, self.names)
         except ValueError as exc:  # ConversionError and anything else malformed
@@ -195,7 +196,7 @@ class ControllerNode(Node):
             self.get_logger().warning(f"joint state refused: {short(exc)}", throttle_duration_sec=1.0)
             return
         with self._lock:
-            reason = self.streamer.update_joint_state(positions, time.monotonic())
+            reason = self.streamer.update_joint_state(positions, arrival_monotonic(info))
         if reason is not None:
             self.get_logger().warning(f"joint state refused: {reason}", throttle_duration_sec=1.0)
 

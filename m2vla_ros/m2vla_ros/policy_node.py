@@ -25,6 +25,7 @@ from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.subscription import MessageInfo
 from rclpy.time import Time
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
@@ -35,8 +36,8 @@ from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicySt
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import qos
 from m2vla_ros.conversions import (
-    Rejections, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response, joint_state_to_array,
-    msg_to_features, short, stamp_to_ns,
+    Rejections, arrival_monotonic, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response,
+    joint_state_to_array, msg_to_features, short, stamp_to_ns,
 )
 from m2vla_ros.params import declare_parameters
 
@@ -63,7 +64,7 @@ class PolicyNode(Node):
         self.engine = PolicyEngine()
         self._lock = threading.Lock()
         self._features = None  # (hidden, mask, LayerFeatures header stamp, instruction_id, received monotonic)
-        self._joints = None  # (positions ndarray, received monotonic)
+        self._joints = None  # (positions ndarray, monotonic time DDS received it)
         self._estop = False
         self._stopped_instruction = -1  # instruction id stopped via ~/stop; a newer one resumes
         self._sequence_id = 0
@@ -89,6 +90,10 @@ class PolicyNode(Node):
         # and the timer's from running at the same time.
         self._tick_lock = threading.Lock()
         self._tick_now = guard("tick", self._tick)
+        # A tick that found everything ready but the joint state (missing or older than
+        # max_joint_state_age_s, e.g. the process was starved for a moment) is retried on the
+        # next joint state, not a control period later: a new instruction never waits a timer phase.
+        self._retry_on_joint_state = False
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
         self.create_service(LoadPolicy, "~/load_policy",
@@ -165,7 +170,7 @@ class PolicyNode(Node):
         if new_instruction:
             self._tick_now()
 
-    def _on_joint_state(self, msg: JointState) -> None:
+    def _on_joint_state(self, msg: JointState, info: MessageInfo) -> None:
         if not (self.engine.loaded and self._usable):
             return
         try:
@@ -174,7 +179,9 @@ class PolicyNode(Node):
             self.rejections.reject("joint_state", exc)
             return
         with self._lock:
-            self._joints = (positions, time.monotonic())
+            self._joints = (positions, arrival_monotonic(info))
+        if self._retry_on_joint_state:
+            self._tick_now()
 
     def _on_estop(self, msg: Bool) -> None:
         self._estop = bool(msg.data)
@@ -202,6 +209,7 @@ class PolicyNode(Node):
             self._tick_locked()
 
     def _tick_locked(self) -> None:
+        self._retry_on_joint_state = False
         if not (self.engine.loaded and self._usable):
             return
         with self._lock:
@@ -220,6 +228,7 @@ class PolicyNode(Node):
         if age_s > float(self.p["max_feature_age_s"]):
             return self._set_state(PolicyStatus.STATE_WAITING, f"features are {age_s:.2f} s old")
         if joints is None or now - joints[1] > float(self.p["max_joint_state_age_s"]):
+            self._retry_on_joint_state = True
             return self._set_state(PolicyStatus.STATE_WAITING, "joint state missing or stale")
         try:
             t0 = time.perf_counter()

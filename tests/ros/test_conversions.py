@@ -7,6 +7,7 @@ needed, only the generated message classes (run under ``eval "$(m2vla env)"`` li
 from __future__ import annotations
 
 import array
+import time
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from sensor_msgs.msg import Image, JointState
 
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures
 from m2vla_ros.conversions import (
-    IMAGE_ENCODINGS, ConversionError, array_to_image, array_to_joint_state, chunk_to_msg, contract_to_msg,
-    hidden_to_msg, image_to_array, image_to_rgb, joint_state_to_array, msg_to_chunk, msg_to_features,
+    IMAGE_ENCODINGS, ConversionError, arrival_monotonic, array_to_image, array_to_joint_state, chunk_to_msg,
+    contract_to_msg, hidden_to_msg, image_to_array, image_to_rgb, joint_state_to_array, msg_to_chunk, msg_to_features,
 )
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -236,3 +237,12 @@ def test_contract_messages_convert_both_ways():
     with pytest.raises(ValueError, match="strictly increasing"):
         contract_from_msg(FeatureContract(layers=[3, 1], num_image_tokens=4, num_text_tokens=2, width=8,
                                           dtype="float32"))
+
+
+def test_a_message_is_aged_from_when_dds_received_it_not_from_when_the_executor_took_it():
+    waited = {"received_timestamp": time.time_ns() - 1_500_000_000}  # sat 1.5 s in the reader queue
+    assert time.monotonic() - arrival_monotonic(waited) == pytest.approx(1.5, abs=0.05)
+    for unknown in (None, {}, {"received_timestamp": 0}):  # an rmw that does not say: the take time
+        assert time.monotonic() - arrival_monotonic(unknown) == pytest.approx(0.0, abs=0.05)
+    stepped_back = {"received_timestamp": time.time_ns() + 5_000_000_000}  # wall clock jumped: never "younger"
+    assert time.monotonic() - arrival_monotonic(stepped_back) == pytest.approx(0.0, abs=0.05)

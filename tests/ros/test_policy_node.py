@@ -22,8 +22,8 @@ SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 3 s of new featu
 WAIT_S = 90.0  # process start imports torch + onnxruntime on a shared 2-core machine
 
 
-def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for_the_control_timer(tmp_path,
-                                                                                                  ros_domain_id):
+def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state_are_in_not_at_the_timer_tick(
+        tmp_path, ros_domain_id):
     domain = ros_domain_id  # 1..101 (conftest); ROS domains end at 232
     policy = _start("m2vla_ros.policy_node", domain, tmp_path / "policy.log", f"control_rate_hz:={SLOW_RATE_HZ}",
                     "max_feature_age_s:=30.0")
@@ -53,11 +53,14 @@ def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for
     mask = np.ones(hidden.shape[1], dtype=bool)
 
     stop = threading.Event()
+    arm_streaming = threading.Event()
+    arm_streaming.set()
 
-    def play_arm() -> None:  # a joint state at 50 Hz, as an arm driver would: always fresh
+    def play_arm() -> None:  # a joint state at 50 Hz, as an arm driver would, while arm_streaming
         while not stop.wait(0.02):
-            joints_pub.publish(array_to_joint_state(SIM_JOINTS, np.r_[HOME[:7], HOME[7] / 2, HOME[7] / 2],
-                                                    stamp=node.get_clock().now().to_msg()))
+            if arm_streaming.is_set():
+                joints_pub.publish(array_to_joint_state(SIM_JOINTS, np.r_[HOME[:7], HOME[7] / 2, HOME[7] / 2],
+                                                        stamp=node.get_clock().now().to_msg()))
 
     def publish(instruction_id: int) -> None:
         features_pub.publish(hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(),
@@ -72,17 +75,41 @@ def test_the_first_features_of_a_new_instruction_get_a_chunk_without_waiting_for
             publish(1)
             time.sleep(0.5)
         assert chunks, f"the policy node never published a chunk:\n{(tmp_path / 'policy.log').read_text()[-3000:]}"
-        for instruction_id in (2, 3):
-            time.sleep(0.5)
-            sent = time.monotonic()
-            publish(instruction_id)
+        def first_chunk_after(instruction_id: int, sent: float) -> float | None:
             while time.monotonic() < sent + 3.0 and not any(i == instruction_id for _, i in chunks):
                 time.sleep(0.05)
             with lock:
-                answered = [t for t, i in chunks if i == instruction_id]
-            assert answered and answered[0] - sent < 3.0, (
+                answered = [t - sent for t, i in chunks if i == instruction_id]
+            return answered[0] if answered else None
+
+        def history(sent: float) -> str:
+            with lock:
+                return (f"policy status: {statuses[-3:]}; chunks (t - sent, instruction): "
+                        f"{[(round(t - sent, 2), i) for t, i in chunks]}")
+
+        for instruction_id in (2, 3):  # features of a new instruction, the arm streaming
+            time.sleep(0.5)
+            sent = time.monotonic()
+            publish(instruction_id)
+            delay = first_chunk_after(instruction_id, sent)
+            assert delay is not None and delay < 3.0, (
                 f"instruction {instruction_id}: no chunk within 3 s although the timer only ticks every "
-                f"{1 / SLOW_RATE_HZ:.0f} s; policy status: {statuses[-3:]}; chunks (t - sent, instruction): {[(round(t - sent, 2), i) for t, i in chunks]}")
+                f"{1 / SLOW_RATE_HZ:.0f} s; {history(sent)}")
+
+        arm_streaming.clear()  # the joint state goes stale (max_joint_state_age_s 0.2 s): the node must hold
+        time.sleep(1.0)
+        sent = time.monotonic()
+        publish(4)
+        time.sleep(1.0)
+        with lock:
+            early = [t - sent for t, i in chunks if i == 4]
+        assert not early, f"a chunk on a stale joint state; {history(sent)}"
+        resumed = time.monotonic()
+        arm_streaming.set()  # ...and act on the first fresh one, not at the next timer tick
+        delay = first_chunk_after(4, resumed)
+        assert delay is not None and delay < 3.0, (
+            f"instruction 4: no chunk within 3 s of the joint state resuming although the timer only ticks every "
+            f"{1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
     finally:
         stop.set()
         arm.join(timeout=2.0)
