@@ -76,9 +76,10 @@ class PerceptionNode(Node):
         self._contract = None
         self._contract_msg: FeatureContract | None = None
         self._instruction_counter = time.time_ns() // 1_000_000  # see the module docstring
-        self.counters = {"frames": 0, "frames_rejected": 0, "frames_skipped": 0, "instructions": 0,
-                         "instructions_rejected": 0, "contracts_rejected": 0, "features_published": 0,
-                         "backbone_errors": 0}
+        self.counters = {"frames": 0, "frames_rejected": 0, "frames_skipped": 0, "frames_too_old": 0,
+                         "instructions": 0, "instructions_rejected": 0, "contracts_rejected": 0,
+                         "features_published": 0, "backbone_errors": 0}
+        self._backbone_ready = False
 
         self.features_pub = self.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
@@ -152,12 +153,14 @@ class PerceptionNode(Node):
 
                 torch.set_num_threads(int(self.p["torch_threads"]))
             self.engine.load()
+            self._backbone_ready = True
             self.get_logger().info(f"backbone ready: {self.engine.backbone_id}")
         except Exception as exc:  # noqa: BLE001 - a node that cannot load its VLM reports, not crashes
             self.get_logger().fatal(f"cannot load backbone {self.p['backbone']!r}: {exc}")
             return
         last_key = None
         last_run_s = 0.0
+        key_of_frame = None
         while not self._stop.is_set():
             self._wake.wait(timeout=0.1)
             self._wake.clear()
@@ -168,6 +171,9 @@ class PerceptionNode(Node):
             if frame is None or instruction is None or contract is None:
                 continue
             if time.monotonic() - frame.received_s > float(self.p["max_image_age_s"]):
+                if key_of_frame != id(frame):  # count each stale frame once, not every wake-up
+                    key_of_frame = id(frame)
+                    self.counters["frames_too_old"] += 1
                 continue
             key = (id(frame), instruction[0], contract)
             if key == last_key:
@@ -196,13 +202,23 @@ class PerceptionNode(Node):
     def _publish_diagnostics(self) -> None:
         rejections = self.rejections.snapshot()
         rejected = sum(rejections.values())
-        level, message = DiagnosticStatus.OK, "ok"
+        with self._lock:
+            contract, frame, instruction = self._contract, self._frame, self._instruction
+        level, message = DiagnosticStatus.OK, self._waiting_for(contract, frame is not None, instruction is not None)
         if self.counters["backbone_errors"] or rejected:
-            level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused"
+            level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused; {message}"
         items = {**self.counters, **self.engine.stats(), **rejections, "rejected_total": rejected,
-                 "last_rejection": self.rejections.last}
+                 "last_rejection": self.rejections.last, "backbone_ready": self._backbone_ready,
+                 "contract_layers": ",".join(map(str, contract.layers)) if contract is not None else ""}
         self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
                                                self.get_clock().now().to_msg()))
+
+    def _waiting_for(self, contract, has_frame: bool, has_instruction: bool) -> str:
+        """What the worker still lacks before it can publish features ("ok" when nothing)."""
+        missing = [what for what, ok in (("the backbone to load", self._backbone_ready),
+                                         ("the policy's feature contract", contract is not None),
+                                         ("a camera frame", has_frame), ("an instruction", has_instruction)) if not ok]
+        return f"waiting for {', '.join(missing)}" if missing else "ok"
 
     def destroy_node(self) -> None:
         self._stop.set()

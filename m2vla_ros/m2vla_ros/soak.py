@@ -7,6 +7,9 @@ instruction flood at ``--instruction-hz`` (default 100 Hz), /joint_states at 100
 follow the controller's commands (a perfect position-controlled arm). It prints one JSON
 object (also written to ``--json``):
 
+- ``warmup``: whether a chunk came through the whole path before measuring began, and how
+  long that took (the window starts anyway after ``--warmup`` seconds; the perception counters
+  and its last status then say where the path stopped);
 - ``rss_mb``: resident memory per node at the start of the measured window (after warm-up),
   at the end, and the maximum seen, so a leak shows as growth that does not level off;
 - ``queues``: depth of every subscription queue (QoS keep-last) and newest-wins evidence
@@ -133,7 +136,8 @@ class SoakDriver:
     def _on_diagnostics(self, msg) -> None:
         with self.lock:
             for status in msg.status:
-                self.diagnostics[status.name] = {kv.key: kv.value for kv in status.values}
+                values = {kv.key: kv.value for kv in status.values}
+                self.diagnostics[status.name] = {"message": status.message, **values}
 
     # -- load generators (each on its own thread, absolute deadlines, never bursting)
     def publish_frame(self, k: int) -> None:
@@ -230,8 +234,14 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
         nodes.start()
         pids = {r.node.name: r.process.pid for r in nodes.running}
         threads.append(run_periodic(stop, 100.0, driver.publish_joint_state, "joint-states"))
-        ready = _wait(lambda: (driver.policy_status is not None and driver.policy_status.state != PolicyStatus.STATE_ERROR
-                               and "m2vla_perception" in driver.diagnostics and driver.controller_status)
+        def perception_ready() -> bool:  # its VLM loaded and the policy's contract arrived
+            values = driver.diagnostics.get("m2vla_perception", {})
+            return values.get("backbone_ready") == "True" and bool(values.get("contract_layers"))
+
+        def policy_ready() -> bool:
+            return driver.policy_status is not None and driver.policy_status.state != PolicyStatus.STATE_ERROR
+
+        ready = _wait(lambda: (policy_ready() and perception_ready() and driver.controller_status)
                       or bool(nodes.dead()), opts.ready_timeout_s)
         if not ready or nodes.dead():
             status = driver.policy_status
@@ -239,7 +249,9 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                                f"policy: {status.message if status else 'no status'}); logs in {log_dir}")
         threads.append(run_periodic(stop, opts.camera_hz, driver.publish_frame, "camera"))
         threads.append(run_periodic(stop, opts.instruction_hz, driver.publish_instruction, "instructions"))
-        _wait(lambda: driver.counts["chunks_received"] > 0, opts.warmup_s)  # the whole path is live
+        t_warmup = time.monotonic()
+        live = _wait(lambda: driver.counts["chunks_received"] > 0, opts.warmup_s)  # the whole path is live
+        report["warmup"] = {"path_live": live, "seconds": round(time.monotonic() - t_warmup, 1)}
         time.sleep(min(2.0, opts.warmup_s))
         rss_start = {name: rss_mb(pid) for name, pid in pids.items()}
         rss_max = dict(rss_start)
@@ -298,6 +310,8 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                        "frames_rejected": delta("m2vla_perception", "frames_rejected"),
                        "instructions_accepted": delta("m2vla_perception", "instructions"),
                        "features_published": delta("m2vla_perception", "features_published"),
+                       "frames_too_old": delta("m2vla_perception", "frames_too_old"),
+                       "status_at_end": diag_end.get("m2vla_perception", {}).get("message", ""),
                        "backbone_errors": delta("m2vla_perception", "backbone_errors")},
         "policy": {"chunks_published": delta("m2vla_policy", "chunks_published"),
                    "inputs_rejected": delta("m2vla_policy", "rejected_total")},

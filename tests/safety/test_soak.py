@@ -42,10 +42,11 @@ def test_a_short_soak_stays_alive_bounded_and_reports_its_figures(random_policy,
     assert all(q["history"] == "keep_last" and 1 <= q["depth"] <= 10 for q in report["queues"].values())
 
     traffic, perception, controller = report["traffic"], report["perception"], report["controller"]
-    assert traffic["frames_sent"] > 0 and traffic["instructions_sent"] > 0
-    assert perception["frames_received"] > 0, "no 1280x720 frame reached perception"
-    assert perception["instructions_accepted"] > 0 and perception["features_published"] > 0
-    assert controller["received_rate_hz"] > 0, "the controller stopped streaming"
+    context = f"{json.dumps(report, indent=1)}\n{logs}"
+    assert traffic["frames_sent"] > 0 and traffic["instructions_sent"] > 0, context
+    assert perception["frames_received"] > 0, f"no 1280x720 frame reached perception\n{context}"
+    assert perception["instructions_accepted"] > 0 and perception["features_published"] > 0, context
+    assert controller["received_rate_hz"] > 0, f"the controller stopped streaming\n{context}"
     # chunks need features younger than max_feature_age_s (0.5 s): on a saturated machine the
     # backbone can be slower than that and the policy (correctly) refuses; it is reported, not required
     assert controller["chunks_accepted"] >= 0
