@@ -36,7 +36,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from m2vla_core.control import (
     ESTOPPED, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
-    PeriodMonitor, WorkspaceBox,
+    PeriodMonitor, TickGrid, WorkspaceBox,
 )
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
@@ -241,17 +241,17 @@ class ControllerNode(Node):
 
     def _loop(self) -> None:
         self._enter_realtime()
-        period = self.config.period_s
-        next_s = time.monotonic()
+        grid = TickGrid(self.config.period_s, time.monotonic())
         last_state = None
         while not self._stop_loop.is_set():
-            delay = next_s - time.monotonic()
+            delay = grid.next_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             now = time.monotonic()
+            tick_s = grid.tick(now)  # on the grid, not at the wake-up time (see TickGrid)
             try:
                 with self._lock:
-                    command = self.streamer.step(now)
+                    command = self.streamer.step(tick_s)
                 self._send(command)
                 if (command.state, command.hold_reason) != last_state:
                     last_state = (command.state, command.hold_reason)
@@ -264,9 +264,6 @@ class ControllerNode(Node):
                 command = None
             with self._timing_lock:
                 self.monitor.tick(now)
-            next_s += period
-            if now - next_s > period:  # fell behind by more than a period: skip, do not burst
-                next_s = now + period
 
     def _send(self, command) -> None:
         if command.position is None:

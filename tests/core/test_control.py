@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 from m2vla_core.control import (
     ESTOPPED, HOLDING, TRACKING, Chunk, ChunkStreamer, ChunkTrajectory, ControllerConfig, JointLimits,
-    PeriodMonitor, WorkspaceBox, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions,
+    PeriodMonitor, TickGrid, WorkspaceBox, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions,
     get_preset, limit_step, reason_code,
 )
 
@@ -384,3 +384,12 @@ def test_limit_step_stays_inside_position_velocity_and_acceleration_limits(targe
     at_bound = np.isclose(np.abs(r.position), 1.0)
     accel_ok = np.abs(r.velocity - previous_velocity) <= 20.0 * T + 1e-9
     assert np.all(accel_ok | at_bound)
+
+
+def test_the_tick_grid_ignores_wake_up_jitter_and_restarts_without_a_burst_when_far_behind():
+    grid = TickGrid(T, start_s=0.0)
+    wake_ups = [0.0, T + 0.3 * T, 2 * T, 3 * T + 0.9 * T, 4 * T]  # late, on time, late, on time
+    assert [grid.tick(t) for t in wake_ups] == pytest.approx([0.0, T, 2 * T, 3 * T, 4 * T])
+    assert grid.tick(5 * T + 10 * T) == pytest.approx(15 * T)  # stalled 10 periods: one step at the wake-up...
+    assert grid.tick(16 * T) == pytest.approx(16 * T)  # ...then on the new grid, no catch-up burst
+

@@ -25,7 +25,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from trajectory_msgs.msg import JointTrajectory
 
-from m2vla_core.control import PANDA_JOINT_NAMES
+from m2vla_core.control import PANDA_JOINT_NAMES, PANDA_LIMITS
 from m2vla_core.rosenv import ros_environment
 from m2vla_msgs.msg import ActionChunk, ControllerStatus, TaskStatus
 from m2vla_msgs.srv import Reset
@@ -239,7 +239,10 @@ def test_a_chunk_leads_to_commands_that_move_toward_its_target(rig):
     peer.publish_chunk(ramp(0, 0.3, horizon=20), sequence_id=1)  # 1 s to +0.3 rad on panda_joint1
     peer.wait_for(lambda: peer.last_command()[0] > target - 0.02, "panda_joint1 near the target")
     stream = peer.command_stream(since=t0)
-    assert np.diff(stream[:, 0]).min() >= -1e-9, "commands moved away from the target"
+    # the acceleration limit may overshoot a target whose speed drops and come back: at most the
+    # braking distance v^2 / 2a (0.3 rad/s, 15 rad/s^2: 3 mrad); CI saw steps back of 0.75-1 mrad
+    overshoot = 0.3 ** 2 / (2 * PANDA_LIMITS.acceleration[0])
+    assert np.diff(stream[:, 0]).min() >= -overshoot, "commands moved away from the target"
     assert peer.steps_per_period(t0, 0).max() <= VMAX_J1 / RATE_HZ + 1e-6
     np.testing.assert_allclose(stream[-1, 1:], HOME[1:], atol=1e-9)  # the other joints held still
     peer.wait_status(lambda s: s.chunks_accepted >= 1 and s.command_rate_hz > 0, "status with the accepted chunk")

@@ -35,3 +35,26 @@ class PeriodMonitor:
             "on_time_fraction": float(np.mean(errors <= self.tolerance_s)),
             "ticks": float(periods.size),
         }
+
+
+class TickGrid:
+    """The command loop's clock: tick times on a fixed grid, whatever the wake-up jitter.
+
+    The limiter estimates the target's velocity assuming one period per step. Sampling the
+    chunk at the actual wake-up time instead (late, then on time) makes the target seem to speed
+    up and slow down: with wake-ups 1.4 periods late every other tick, the start of a ramp
+    stepped back by 4e-5 rad; on the grid it did not. A loop more than a period behind
+    restarts the grid at the wake-up time: one step, never a burst.
+    """
+
+    def __init__(self, period_s: float, start_s: float) -> None:
+        self.period_s = float(period_s)
+        self.next_s = float(start_s)  # when the next tick is due
+
+    def tick(self, now_s: float) -> float:
+        """Time to step the streamer at, for a wake-up at ``now_s`` (monotonic, increasing)."""
+        if now_s - self.next_s > self.period_s:
+            self.next_s = float(now_s)
+        tick_s = self.next_s
+        self.next_s += self.period_s
+        return tick_s
