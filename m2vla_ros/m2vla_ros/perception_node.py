@@ -140,7 +140,10 @@ class PerceptionNode(Node):
             self.rejections.reject("contract", f"mismatch: {exc}")
             return
         with self._lock:
+            unchanged = contract == self._contract
             self._contract, self._contract_msg = contract, msg
+        if unchanged:
+            return  # the policy republishes its contract every second
         self.get_logger().info(f"feature contract: layers {list(contract.layers)}, "
                                f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}")
         self._wake.set()

@@ -50,6 +50,7 @@ PARAMETERS = {
     "max_joint_state_age_s": (0.2, "[s] do not act on an older joint state", (0.001, 10.0)),
     "publish_markers": (True, "predicted end-effector path on /m2vla/predicted_path"),
     "status_rate_hz": (2.0, "[Hz] /m2vla/policy_status heartbeat", (0.1, 100.0)),
+    "contract_period_s": (1.0, "[s] republish the latched feature contract this often", (0.1, 60.0)),
 }
 MAX_FUTURE_STAMP_S = 0.05  # [s] features stamped further ahead of this clock are refused (clock skew)
 LOAD_CODES = {LoadPolicy.Request.NOT_FOUND: "not_found", LoadPolicy.Request.INVALID_CHECKPOINT: "invalid_checkpoint",
@@ -96,6 +97,11 @@ class PolicyNode(Node):
         self._retry_on_joint_state = False
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
+        # The contract is latched, but Fast DDS sometimes does not deliver a transient-local sample
+        # to a late-joining reader (eProsima/Fast-DDS#3822; seen here: a perception that never got
+        # it and never computed a feature). Republished every contract_period_s; perception
+        # ignores an unchanged one.
+        self.create_timer(float(self.p["contract_period_s"]), guard("contract", self._publish_contract))
         self.create_service(LoadPolicy, "~/load_policy",
                             guard("load_policy", self._on_load_policy, failed_service_response))
         self.create_service(Reset, "~/reset", guard("reset", self._on_reset, failed_service_response))
@@ -128,10 +134,14 @@ class PolicyNode(Node):
         with self._lock:
             self._features = None  # features of the old contract are not valid for the new head
         self.status.checkpoint, self.status.backend = self.engine.checkpoint, self.engine.backend
-        self.contract_pub.publish(contract_to_msg(self.engine, self.get_clock().now().to_msg()))
+        self._publish_contract()
         self._set_state(PolicyStatus.STATE_IDLE, "policy loaded; waiting for an instruction")
         self.get_logger().info(f"policy loaded: {self.engine.checkpoint} ({self.engine.backend})")
         return True, LoadPolicy.Request.OK, f"loaded {self.engine.checkpoint} with {self.engine.backend}"
+
+    def _publish_contract(self) -> None:
+        if self.engine.loaded and self._usable:
+            self.contract_pub.publish(contract_to_msg(self.engine, self.get_clock().now().to_msg()))
 
     def _refuse_load(self, checkpoint: str, code: int, reason: object) -> tuple[bool, int, str]:
         message = short(reason, 1000)

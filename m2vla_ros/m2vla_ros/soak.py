@@ -245,8 +245,10 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                       or bool(nodes.dead()), opts.ready_timeout_s)
         if not ready or nodes.dead():
             status = driver.policy_status
+            perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")
             raise RuntimeError(f"the graph did not come up in {opts.ready_timeout_s:.0f} s (dead: {nodes.dead()}; "
-                               f"policy: {status.message if status else 'no status'}); logs in {log_dir}")
+                               f"policy: {status.message if status else 'no status'}; perception: {perception}; "
+                               f"controller status: {'yes' if driver.controller_status else 'none'}); logs in {log_dir}")
         threads.append(run_periodic(stop, opts.camera_hz, driver.publish_frame, "camera"))
         threads.append(run_periodic(stop, opts.instruction_hz, driver.publish_instruction, "instructions"))
         t_warmup = time.monotonic()

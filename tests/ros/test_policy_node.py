@@ -9,11 +9,12 @@ import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
 
 from m2vla_core.assets_paths import default_policy_path
 from m2vla_core.heads.checkpoint import load_head_config
-from m2vla_msgs.msg import ActionChunk, LayerFeatures, PolicyStatus
+from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_ros import qos
 from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
 from test_controller_node import HOME, SIM_JOINTS, _start, _stop
@@ -95,6 +96,17 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             assert delay is not None and delay < 3.0, (
                 f"instruction {instruction_id}: no chunk within 3 s although the timer only ticks every "
                 f"{1 / SLOW_RATE_HZ:.0f} s; {history(sent)}")
+
+        # a reader that joins late and is not transient-local still gets the contract: the policy
+        # republishes it (a late joiner of the latched topic can miss it, eProsima/Fast-DDS#3822)
+        contracts: list[FeatureContract] = []
+        node.create_subscription(FeatureContract, "/m2vla/feature_contract", contracts.append,
+                                 QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                            durability=DurabilityPolicy.VOLATILE))
+        deadline = time.monotonic() + 5.0  # contract_period_s is 1 s
+        while time.monotonic() < deadline and not contracts:
+            time.sleep(0.05)
+        assert contracts and tuple(contracts[-1].layers) == tuple(contract.layers), "the contract was not republished"
 
         arm_streaming.clear()  # the joint state goes stale (max_joint_state_age_s 0.2 s): the node must hold
         time.sleep(1.0)
