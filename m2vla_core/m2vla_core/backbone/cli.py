@@ -126,9 +126,14 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     summary = {"episodes": 0, "samples": 0, "computed": 0, "cached": 0, "out": str(out_dir),
                "episode_offset": episode_offset}
     bar = tqdm(total=len(indices), unit="ep", desc="features", disable=not progress, dynamic_ncols=True)
+
+    def episodes():  # the first one was read above for the dimensions: not decoded twice
+        yield first
+        for later in indices[1:]:
+            yield load_lerobot_episodes(data_dir, names, episode_indices=[later])[0]
+
     try:
-        for index in indices:
-            ep = load_lerobot_episodes(data_dir, names, episode_indices=[index])[0]
+        for index, ep in zip(indices, episodes()):
             if ep.states.shape[1] != state_dim or ep.actions.shape[1] != action_dim:
                 raise ValueError(f"episode {index}: state/action dims {ep.states.shape[1]}/{ep.actions.shape[1]} differ "
                                  f"from the first episode's {state_dim}/{action_dim}")
