@@ -80,7 +80,11 @@ class PolicyNode(Node):
         self.marker_pub = self.create_publisher(MarkerArray, "/m2vla/predicted_path", qos.STATUS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
         guard = self.rejections.guard
-        self.create_subscription(LayerFeatures, "/m2vla/features", guard("features", self._on_features), qos.FEATURES)
+        # Features get their own callback group: behind the 100 Hz joint states and the timers in
+        # the default group, a new instruction's features waited (the graph bench's first chunk
+        # p50 121-203 ms -> 52-134 ms with it, docs/performance.md). The tick lock serializes ticks.
+        self.create_subscription(LayerFeatures, "/m2vla/features", guard("features", self._on_features), qos.FEATURES,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(JointState, "/joint_states", guard("joint_state", self._on_joint_state), qos.SENSOR)
         self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop), qos.ESTOP)
         control_group = MutuallyExclusiveCallbackGroup()  # the tick never waits behind a service call
