@@ -65,6 +65,7 @@ class PolicyNode(Node):
         self.engine = PolicyEngine()
         self._lock = threading.Lock()
         self._features = None  # (hidden, mask, LayerFeatures header stamp, instruction_id, received monotonic)
+        self._generation = 0  # +1 per head loaded: features read against an older head's contract are dropped
         self._joints = None  # (positions ndarray, monotonic time DDS received it)
         self._estop = False
         self._stopped_instruction = -1  # instruction id stopped via ~/stop; a newer one resumes
@@ -81,12 +82,13 @@ class PolicyNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
         guard = self.rejections.guard
         # Features get their own callback group: behind the 100 Hz joint states and the timers in
-        # the default group, a new instruction's features waited (the graph bench's first chunk
-        # p50 121-203 ms -> 52-134 ms with it, docs/performance.md). The tick lock serializes ticks.
+        # the default group, a new instruction's features waited up to ~1 s in the graph
+        # (docs/performance.md, section 4). The tick lock serializes the ticks.
         self.create_subscription(LayerFeatures, "/m2vla/features", guard("features", self._on_features), qos.FEATURES,
                                  callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(JointState, "/joint_states", guard("joint_state", self._on_joint_state), qos.SENSOR)
-        self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop), qos.ESTOP)
+        self.create_subscription(Bool, "/m2vla/estop", guard("estop", self._on_estop), qos.ESTOP,
+                                 callback_group=MutuallyExclusiveCallbackGroup())  # never behind an inference
         control_group = MutuallyExclusiveCallbackGroup()  # the tick never waits behind a service call
         self.create_timer(1.0 / float(self.p["control_rate_hz"]), guard("tick", self._tick),
                           callback_group=control_group)
@@ -98,6 +100,7 @@ class PolicyNode(Node):
         # A tick that found everything ready but the joint state (missing or older than
         # max_joint_state_age_s, e.g. the process was starved for a moment) is retried on the
         # next joint state, not a control period later: a new instruction never waits a timer phase.
+        # (One stored while that tick ran is not retried; the one after it is.)
         self._retry_on_joint_state = False
         self.create_timer(1.0 / float(self.p["status_rate_hz"]), guard("status", self._publish_status))
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
@@ -114,6 +117,10 @@ class PolicyNode(Node):
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self, checkpoint: str, backend: str) -> tuple[bool, int, str]:
+        with self._tick_lock:  # no tick runs the engine while it is swapped
+            return self._load_locked(checkpoint, backend)
+
+    def _load_locked(self, checkpoint: str, backend: str) -> tuple[bool, int, str]:
         previous = (self.engine.checkpoint, self.engine.backend) if self.engine.loaded and self._usable else None
         try:
             self.engine.load(checkpoint, backend=backend or "onnxruntime", device=self.p["device"],
@@ -122,7 +129,8 @@ class PolicyNode(Node):
             code = exc.code if isinstance(exc, PolicyLoadError) else LoadPolicy.Request.BACKEND_ERROR
             return self._refuse_load(checkpoint, code, exc if isinstance(exc, PolicyLoadError)
                                      else f"{type(exc).__name__}: {exc}")
-        try:  # the engine swapped already: a head whose joints the node cannot name must not stay in
+        self._forget_inputs()  # the engine swapped (and may be swapped back below)
+        try:  # a head whose joints the node cannot name must not stay in
             self.engine.state_joint_names, self.engine.action_names  # noqa: B018
         except Exception as exc:  # noqa: BLE001
             self._usable = False
@@ -135,13 +143,17 @@ class PolicyNode(Node):
             return self._refuse_load(checkpoint, LoadPolicy.Request.INVALID_CHECKPOINT,
                                      f"the node cannot name the head's joints: {exc}")
         self._usable = True
-        with self._lock:
-            self._features = None  # features of the old contract are not valid for the new head
         self.status.checkpoint, self.status.backend = self.engine.checkpoint, self.engine.backend
         self._publish_contract()
         self._set_state(PolicyStatus.STATE_IDLE, "policy loaded; waiting for an instruction")
         self.get_logger().info(f"policy loaded: {self.engine.checkpoint} ({self.engine.backend})")
         return True, LoadPolicy.Request.OK, f"loaded {self.engine.checkpoint} with {self.engine.backend}"
+
+    def _forget_inputs(self) -> None:
+        """Features of the old contract and joints in the old head's order are not valid any more."""
+        with self._lock:
+            self._features, self._joints = None, None
+            self._generation += 1
 
     def _publish_contract(self) -> None:
         if self.engine.loaded and self._usable:
@@ -164,6 +176,8 @@ class PolicyNode(Node):
         if not self.engine.loaded:
             self.rejections.reject("features", "no_policy: no head is loaded to read them")
             return
+        with self._lock:
+            generation = self._generation
         try:
             hidden, mask = msg_to_features(msg, self.engine.contract)
         except (ValueError, AttributeError) as exc:
@@ -178,6 +192,8 @@ class PolicyNode(Node):
                                                f"(clock skew?)")
             return
         with self._lock:
+            if generation != self._generation:
+                return  # a head was loaded while these were read against the old one's contract
             new_instruction = self._features is None or self._features[3] != int(msg.instruction_id)
             self._perception_digest = str(msg.backbone_digest)
             self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
@@ -187,12 +203,16 @@ class PolicyNode(Node):
     def _on_joint_state(self, msg: JointState, info: MessageInfo) -> None:
         if not (self.engine.loaded and self._usable):
             return
+        with self._lock:
+            generation = self._generation
         try:
             positions = joint_state_to_array(msg, self.engine.state_joint_names)
         except ValueError as exc:
             self.rejections.reject("joint_state", exc)
             return
         with self._lock:
+            if generation != self._generation:
+                return  # ordered for the head that was just replaced
             self._joints = (positions, arrival_monotonic(info))
         if self._retry_on_joint_state:
             self._tick_now()
@@ -260,6 +280,8 @@ class PolicyNode(Node):
         except ValueError as exc:  # e.g. a head whose action names do not fit its chunk: refuse, never publish
             self.rejections.reject("chunk", exc)
             return self._set_state(PolicyStatus.STATE_REFUSED, short(f"chunk refused: {exc}"))
+        if self._estop or instruction_id <= self._stopped_instruction:
+            return  # e-stop or ~/stop arrived while this tick ran: its chunk is dropped, their status kept
         self._sequence_id += 1
         self.chunk_pub.publish(msg)
         self.status.chunks_published += 1
@@ -319,7 +341,7 @@ def main(args: list[str] | None = None) -> None:
     node = None
     try:
         node = PolicyNode()
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor = MultiThreadedExecutor(num_threads=3)  # control tick, features, the rest (e-stop has its group)
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -19,7 +19,7 @@ from m2vla_ros import qos
 from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
 from test_controller_node import HOME, SIM_JOINTS, _start, _stop
 
-SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 3 s of new features is not the timer's doing
+SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 1 s is the timer's doing 1 time in 10
 WAIT_S = 90.0  # process start imports torch + onnxruntime on a shared 2-core machine
 
 
@@ -76,11 +76,12 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             publish(1)
             time.sleep(0.5)
         assert chunks, f"the policy node never published a chunk:\n{(tmp_path / 'policy.log').read_text()[-3000:]}"
-        def first_chunk_after(instruction_id: int, sent: float) -> float | None:
-            while time.monotonic() < sent + 3.0 and not any(i == instruction_id for _, i in chunks):
-                time.sleep(0.05)
+
+        def first_chunk_after(instruction_id: int, sent: float, within_s: float) -> float | None:
+            while time.monotonic() < sent + within_s and not any(i == instruction_id for _, i in chunks):
+                time.sleep(0.02)
             with lock:
-                answered = [t - sent for t, i in chunks if i == instruction_id]
+                answered = [t - sent for t, i in chunks if i == instruction_id and t - sent < within_s]
             return answered[0] if answered else None
 
         def history(sent: float) -> str:
@@ -88,13 +89,13 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
                 return (f"policy status: {statuses[-3:]}; chunks (t - sent, instruction): "
                         f"{[(round(t - sent, 2), i) for t, i in chunks]}")
 
-        for instruction_id in (2, 3):  # features of a new instruction, the arm streaming
+        for instruction_id in (2, 3):  # features of a new instruction, the arm streaming (twice, as below)
             time.sleep(0.5)
             sent = time.monotonic()
             publish(instruction_id)
-            delay = first_chunk_after(instruction_id, sent)
-            assert delay is not None and delay < 3.0, (
-                f"instruction {instruction_id}: no chunk within 3 s although the timer only ticks every "
+            delay = first_chunk_after(instruction_id, sent, within_s=1.0)
+            assert delay is not None, (
+                f"instruction {instruction_id}: no chunk within 1 s although the timer only ticks every "
                 f"{1 / SLOW_RATE_HZ:.0f} s; {history(sent)}")
 
         # a reader that joins late and is not transient-local still gets the contract: the policy
@@ -108,20 +109,21 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             time.sleep(0.05)
         assert contracts and tuple(contracts[-1].layers) == tuple(contract.layers), "the contract was not republished"
 
-        arm_streaming.clear()  # the joint state goes stale (max_joint_state_age_s 0.2 s): the node must hold
-        time.sleep(1.0)
-        sent = time.monotonic()
-        publish(4)
-        time.sleep(1.0)
-        with lock:
-            early = [t - sent for t, i in chunks if i == 4]
-        assert not early, f"a chunk on a stale joint state; {history(sent)}"
-        resumed = time.monotonic()
-        arm_streaming.set()  # ...and act on the first fresh one, not at the next timer tick
-        delay = first_chunk_after(4, resumed)
-        assert delay is not None and delay < 3.0, (
-            f"instruction 4: no chunk within 3 s of the joint state resuming although the timer only ticks every "
-            f"{1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
+        for instruction_id in (4, 5):  # twice: the 10 s timer alone answers within 1 s only 1 time in 10
+            arm_streaming.clear()  # the joint state goes stale (max_joint_state_age_s 0.2 s): the node must hold
+            time.sleep(1.0)
+            sent = time.monotonic()
+            publish(instruction_id)
+            time.sleep(1.0)
+            with lock:
+                early = [t - sent for t, i in chunks if i == instruction_id]
+            assert not early, f"a chunk on a stale joint state; {history(sent)}"
+            resumed = time.monotonic()
+            arm_streaming.set()  # ...and act on the first fresh one, not at the next timer tick
+            delay = first_chunk_after(instruction_id, resumed, within_s=1.0)
+            assert delay is not None, (
+                f"instruction {instruction_id}: no chunk within 1 s of the joint state resuming although the "
+                f"timer only ticks every {1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
     finally:
         stop.set()
         arm.join(timeout=2.0)
