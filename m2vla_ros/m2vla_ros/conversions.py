@@ -153,18 +153,20 @@ def ns_to_stamp(ns: int) -> Time:
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
-def arrival_monotonic(info: Mapping[str, Any] | None) -> float:
+def arrival_monotonic(info: Mapping[str, Any] | None, *, now_monotonic: float | None = None,
+                      now_wall_ns: int | None = None) -> float:
     """When DDS received a message (rclpy's MessageInfo), on this process's monotonic clock.
 
     A callback runs when the executor takes the message, which can be long after it arrived
     (a busy executor, a sample waiting in the reader's queue): freshness is aged from arrival.
     Without a receive time from the middleware, the take time is all we have.
     """
-    now = time.monotonic()
+    now = time.monotonic() if now_monotonic is None else now_monotonic
     received_ns = int((info or {}).get("received_timestamp") or 0)  # wall clock, this machine
     if received_ns <= 0:
         return now
-    return now - max(0.0, (time.time_ns() - received_ns) * 1e-9)  # a wall clock stepped back: take time
+    wall_ns = time.time_ns() if now_wall_ns is None else now_wall_ns
+    return now - max(0.0, (wall_ns - received_ns) * 1e-9)  # a wall clock stepped back: take time
 
 
 # ---------------------------------------------------------------------------------- images

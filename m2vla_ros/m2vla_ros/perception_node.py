@@ -163,7 +163,7 @@ class PerceptionNode(Node):
             return
         last_key = None
         last_run_s = 0.0
-        key_of_frame = None
+        last_too_old: _Frame | None = None
         while not self._stop.is_set():
             self._wake.wait(timeout=0.1)
             self._wake.clear()
@@ -174,8 +174,8 @@ class PerceptionNode(Node):
             if frame is None or instruction is None or contract is None:
                 continue
             if time.monotonic() - frame.received_s > float(self.p["max_image_age_s"]):
-                if key_of_frame != id(frame):  # count each stale frame once, not every wake-up
-                    key_of_frame = id(frame)
+                if frame is not last_too_old:  # count each frame once, not every wake-up
+                    last_too_old = frame
                     self.counters["frames_too_old"] += 1
                 continue
             key = (id(frame), instruction[0], contract)
@@ -207,7 +207,8 @@ class PerceptionNode(Node):
         rejected = sum(rejections.values())
         with self._lock:
             contract, frame, instruction = self._contract, self._frame, self._instruction
-        level, message = DiagnosticStatus.OK, self._waiting_for(contract, frame is not None, instruction is not None)
+        fresh_frame = frame is not None and time.monotonic() - frame.received_s <= float(self.p["max_image_age_s"])
+        level, message = DiagnosticStatus.OK, self._waiting_for(contract, fresh_frame, instruction is not None)
         if self.counters["backbone_errors"] or rejected:
             level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused; {message}"
         items = {**self.counters, **self.engine.stats(), **rejections, "rejected_total": rejected,
@@ -216,11 +217,12 @@ class PerceptionNode(Node):
         self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
                                                self.get_clock().now().to_msg()))
 
-    def _waiting_for(self, contract, has_frame: bool, has_instruction: bool) -> str:
+    def _waiting_for(self, contract, fresh_frame: bool, has_instruction: bool) -> str:
         """What the worker still lacks before it can publish features ("ok" when nothing)."""
         missing = [what for what, ok in (("the backbone to load", self._backbone_ready),
                                          ("the policy's feature contract", contract is not None),
-                                         ("a camera frame", has_frame), ("an instruction", has_instruction)) if not ok]
+                                         ("a camera frame younger than max_image_age_s", fresh_frame),
+                                         ("an instruction", has_instruction)) if not ok]
         return f"waiting for {', '.join(missing)}" if missing else "ok"
 
     def destroy_node(self) -> None:

@@ -16,7 +16,7 @@ Compatibility rules that drove the choices (DDS request-vs-offered matching):
 | SENSOR      | best effort | volatile        | keep last 1  | subscriptions: /joint_states, /camera/image_raw, /camera/camera_info |
 | SENSOR_PUB  | reliable    | volatile        | keep last 1  | publishers of the same (sim node) |
 | INSTRUCTION | reliable    | transient local | keep last 1  | /m2vla/instruction |
-| LATCHED     | reliable    | transient local | keep last 1  | /m2vla/feature_contract (republished every 1 s) |
+| LATCHED     | reliable    | transient local | keep last 1  | /m2vla/feature_contract (also republished every contract_period_s) |
 | FEATURES    | reliable    | volatile        | keep last 1  | /m2vla/features (large; best effort drops fragmented messages) |
 | CHUNKS      | reliable    | volatile        | keep last 1  | /m2vla/action_chunk (newest wins; a lost chunk is a stale hold) |
 | COMMANDS    | reliable    | volatile        | keep last 1  | /m2vla/joint_command, /<controller>/joint_trajectory |

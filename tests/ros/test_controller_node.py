@@ -239,10 +239,12 @@ def test_a_chunk_leads_to_commands_that_move_toward_its_target(rig):
     peer.publish_chunk(ramp(0, 0.3, horizon=20), sequence_id=1)  # 1 s to +0.3 rad on panda_joint1
     peer.wait_for(lambda: peer.last_command()[0] > target - 0.02, "panda_joint1 near the target")
     stream = peer.command_stream(since=t0)
-    # the acceleration limit may overshoot a target whose speed drops and come back: at most the
-    # braking distance v^2 / 2a (0.3 rad/s, 15 rad/s^2: 3 mrad); CI saw steps back of 0.75-1 mrad
+    # the acceleration limit may overshoot a target whose speed drops and come back: never further
+    # back in total than the braking distance v^2 / 2a (0.3 rad/s, 15 rad/s^2: 3 mrad); CI saw
+    # steps back of 0.75-1 mrad
     overshoot = 0.3 ** 2 / (2 * PANDA_LIMITS.acceleration[0])
-    assert np.diff(stream[:, 0]).min() >= -overshoot, "commands moved away from the target"
+    retreat = np.maximum.accumulate(stream[:, 0]) - stream[:, 0]  # (N,) behind the furthest point so far
+    assert retreat.max() <= overshoot, "commands moved away from the target"
     assert peer.steps_per_period(t0, 0).max() <= VMAX_J1 / RATE_HZ + 1e-6
     np.testing.assert_allclose(stream[-1, 1:], HOME[1:], atol=1e-9)  # the other joints held still
     peer.wait_status(lambda s: s.chunks_accepted >= 1 and s.command_rate_hz > 0, "status with the accepted chunk")

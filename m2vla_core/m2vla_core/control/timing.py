@@ -42,12 +42,15 @@ class TickGrid:
 
     The limiter estimates the target's velocity assuming one period per step. Sampling the
     chunk at the actual wake-up time instead (late, then on time) makes the target seem to speed
-    up and slow down: with wake-ups 1.4 periods late every other tick, the start of a ramp
-    stepped back by 4e-5 rad; on the grid it did not. A loop more than a period behind
-    restarts the grid at the wake-up time: one step, never a burst.
+    up and slow down: in a streamer driven at wake-up times with every other one 1.4 periods
+    late, the start of a ramp stepped back by 4e-5 rad. A loop more than a period behind
+    restarts the grid at the wake-up time: one step, never a burst. Holds (stale joint state,
+    chunk timeout) are decided on the grid time too, so at most one period late.
     """
 
     def __init__(self, period_s: float, start_s: float) -> None:
+        if not period_s > 0:
+            raise ValueError(f"TickGrid.period_s must be > 0, got {period_s}")
         self.period_s = float(period_s)
         self.next_s = float(start_s)  # when the next tick is due
 
