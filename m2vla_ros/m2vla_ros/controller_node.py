@@ -42,7 +42,8 @@ from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
 from m2vla_ros.conversions import (arrival_monotonic, array_to_joint_state, diagnostic_array,
-                                   failed_service_response, guard_callback, joint_state_to_array, msg_to_chunk, short)
+                                   failed_service_response, guard_callback, joint_state_to_array, msg_to_chunk,
+                                   ns_to_stamp, short)
 from m2vla_ros.params import declare_parameters
 
 OUTPUTS = ("sim", "joint_trajectory")
@@ -268,7 +269,11 @@ class ControllerNode(Node):
     def _send(self, command) -> None:
         if command.position is None:
             return
-        stamp = self.get_clock().now().to_msg()
+        # stamped with the tick the command is for (command.time_s, monotonic), not when it left:
+        # consecutive commands are a period apart in their stamps however this thread was scheduled
+        # (send-time stamps plus a command lost on the way made a subscriber see a double step)
+        late_ns = int((time.monotonic() - command.time_s) * 1e9)
+        stamp = ns_to_stamp(self.get_clock().now().nanoseconds - late_ns)
         if self.p["output"] == "sim":
             self.command_pub.publish(array_to_joint_state(self.names, command.position, velocities=command.velocity,
                                                           stamp=stamp))
