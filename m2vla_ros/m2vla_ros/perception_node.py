@@ -143,7 +143,7 @@ class PerceptionNode(Node):
             unchanged = contract == self._contract
             self._contract, self._contract_msg = contract, msg
         if unchanged:
-            return  # the policy republishes its contract every second
+            return  # the policy republishes its contract every contract_period_s
         self.get_logger().info(f"feature contract: layers {list(contract.layers)}, "
                                f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}")
         self._wake.set()
