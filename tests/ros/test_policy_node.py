@@ -19,7 +19,8 @@ from m2vla_ros import qos
 from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
 from test_controller_node import HOME, SIM_JOINTS, _start, _stop
 
-SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 1 s is the timer's doing 1 time in 10
+SLOW_RATE_HZ = 0.1  # one timer tick every 10 s: a chunk within 3 s is the timer's doing 3 times in 10
+ANSWER_S = 3.0  # generous: CI machines have stalled this process for over a second
 WAIT_S = 90.0  # process start imports torch + onnxruntime on a shared 2-core machine
 
 
@@ -86,16 +87,17 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
 
         def history(sent: float) -> str:
             with lock:
-                return (f"policy status: {statuses[-3:]}; chunks (t - sent, instruction): "
+                seen = (f"policy status: {statuses[-3:]}; chunks (t - sent, instruction): "
                         f"{[(round(t - sent, 2), i) for t, i in chunks]}")
+            return f"{seen}\npolicy log:\n{(tmp_path / 'policy.log').read_text()[-1500:]}"
 
         for instruction_id in (2, 3):  # features of a new instruction, the arm streaming (twice, as below)
             time.sleep(0.5)
             sent = time.monotonic()
             publish(instruction_id)
-            delay = first_chunk_after(instruction_id, sent, within_s=1.0)
+            delay = first_chunk_after(instruction_id, sent, within_s=ANSWER_S)
             assert delay is not None, (
-                f"instruction {instruction_id}: no chunk within 1 s although the timer only ticks every "
+                f"instruction {instruction_id}: no chunk within {ANSWER_S:.0f} s although the timer only ticks every "
                 f"{1 / SLOW_RATE_HZ:.0f} s; {history(sent)}")
 
         # a reader that joins late and is not transient-local still gets the contract: the policy
@@ -109,7 +111,7 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             time.sleep(0.05)
         assert contracts and tuple(contracts[-1].layers) == tuple(contract.layers), "the contract was not republished"
 
-        for instruction_id in (4, 5):  # twice: the 10 s timer alone answers within 1 s only 1 time in 10
+        for instruction_id in (4, 5):  # twice: the 10 s timer alone would answer both in time 1 time in 11
             arm_streaming.clear()  # the joint state goes stale (max_joint_state_age_s 0.2 s): the node must hold
             time.sleep(1.0)
             sent = time.monotonic()
@@ -120,10 +122,10 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             assert not early, f"a chunk on a stale joint state; {history(sent)}"
             resumed = time.monotonic()
             arm_streaming.set()  # ...and act on the first fresh one, not at the next timer tick
-            delay = first_chunk_after(instruction_id, resumed, within_s=1.0)
+            delay = first_chunk_after(instruction_id, resumed, within_s=ANSWER_S)
             assert delay is not None, (
-                f"instruction {instruction_id}: no chunk within 1 s of the joint state resuming although the "
-                f"timer only ticks every {1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
+                f"instruction {instruction_id}: no chunk within {ANSWER_S:.0f} s of the joint state resuming although "
+                f"the timer only ticks every {1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
     finally:
         stop.set()
         arm.join(timeout=2.0)
