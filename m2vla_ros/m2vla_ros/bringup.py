@@ -20,6 +20,12 @@ from pathlib import Path
 from m2vla_ros import graph
 
 SHUTDOWN_GRACE_S = 8.0
+# Fast DDS files of dead processes older than this are removed before nodes start: a node
+# SIGKILLed earlier leaves its shared-memory ports behind, and a new participant that reuses
+# such a port number could be cut off from the others for good (seen here: a perception that
+# never received the policy's feature contract, republished every second). Only files whose
+# Fast DDS locks prove their users gone are touched (m2vla_core.dds_shm).
+STALE_SHM_GRACE_S = 1.0
 
 
 def node_command(node: graph.ResolvedNode, config_dir: Path) -> list[str]:
@@ -52,6 +58,12 @@ class Graph:
         return [node_command(n, config) for n in self.nodes]
 
     def start(self) -> None:
+        from m2vla_core.dds_shm import remove_stale_segments
+
+        removed = remove_stale_segments(grace_s=STALE_SHM_GRACE_S)
+        if removed:
+            print(f"m2vla bringup: removed {len(removed)} Fast DDS shared-memory files of dead processes",
+                  file=sys.stderr, flush=True)
         for node, cmd in zip(self.nodes, self.commands()):
             out = None
             if self.log_dir is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
@@ -68,6 +69,8 @@ class DemoClient(Node):
         self.create_subscription(ActionChunk, "/m2vla/action_chunk", self._on_chunk, qos.CHUNKS)
         self.create_subscription(JointState, "/m2vla/joint_command", self._on_command, qos.COMMANDS)
         self.create_subscription(Image, "/camera/image_raw", self._on_image, qos.SENSOR)
+        self.perception: dict[str, str] = {}  # perception's last /diagnostics: "message" and its key/values
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, qos.STATUS)
 
     def _on_task(self, msg: TaskStatus) -> None:
         with self.lock:
@@ -76,6 +79,12 @@ class DemoClient(Node):
     def _on_policy(self, msg: PolicyStatus) -> None:
         with self.lock:
             self.policy_status = msg
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name == "m2vla_perception":
+                with self.lock:
+                    self.perception = {"message": status.message, **{kv.key: kv.value for kv in status.values}}
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         with self.lock:
@@ -159,16 +168,28 @@ def run_episode(client: DemoClient, task: str, seed: int, timeout_s: float, gif_
     )
 
 
+def perception_ready(diagnostics: dict[str, str]) -> bool:
+    """Perception's /diagnostics say its VLM is loaded and the policy's feature contract arrived."""
+    return diagnostics.get("backbone_ready") == "True" and bool(diagnostics.get("contract_layers"))
+
+
 def wait_until_ready(client: DemoClient, timeout_s: float) -> None:
+    """Until the policy has a head, perception its VLM and contract, and the sim answers resets.
+
+    Perception loads its VLM after the policy is up (seconds, more on a loaded machine): an
+    instruction sent before that would wait for it and look like a slow or dead graph.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with client.lock:
-            status = client.policy_status
-        if status is not None and status.state != PolicyStatus.STATE_ERROR and client.sim_reset.service_is_ready():
+            status, perception = client.policy_status, dict(client.perception)
+        if (status is not None and status.state != PolicyStatus.STATE_ERROR and perception_ready(perception)
+                and client.sim_reset.service_is_ready()):
             return
         time.sleep(0.1)
     raise TimeoutError(f"the graph was not ready after {timeout_s:.0f} s (policy status: "
-                       f"{client.policy_status.message if client.policy_status else 'none'})")
+                       f"{client.policy_status.message if client.policy_status else 'none'}; perception: "
+                       f"{client.perception.get('message', 'no diagnostics')})")
 
 
 def main(argv: list[str]) -> int:

@@ -205,12 +205,13 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
     from m2vla_core.rosenv import ros_environment
     from m2vla_msgs.msg import PolicyStatus
     from m2vla_ros import graph, qos
-    from m2vla_ros.bringup import Graph
+    from m2vla_ros.bringup import STALE_SHM_GRACE_S, Graph
+    from m2vla_ros.demo import perception_ready
 
     from m2vla_core.dds_shm import remove_stale_segments
 
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # before rclpy.init: this process too
-    stale_removed = len(remove_stale_segments())  # leftovers of SIGKILLed nodes can silence shared memory
+    stale_removed = len(remove_stale_segments(grace_s=STALE_SHM_GRACE_S))  # as Graph.start does; counted here
     env = ros_environment()
     env["ROS_DOMAIN_ID"] = str(opts.domain)
     env["PYTHONUNBUFFERED"] = "1"
@@ -234,15 +235,11 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
         nodes.start()
         pids = {r.node.name: r.process.pid for r in nodes.running}
         threads.append(run_periodic(stop, 100.0, driver.publish_joint_state, "joint-states"))
-        def perception_ready() -> bool:  # its VLM loaded and the policy's contract arrived
-            values = driver.diagnostics.get("m2vla_perception", {})
-            return values.get("backbone_ready") == "True" and bool(values.get("contract_layers"))
-
         def policy_ready() -> bool:
             return driver.policy_status is not None and driver.policy_status.state != PolicyStatus.STATE_ERROR
 
-        ready = _wait(lambda: (policy_ready() and perception_ready() and driver.controller_status)
-                      or bool(nodes.dead()), opts.ready_timeout_s)
+        ready = _wait(lambda: (policy_ready() and perception_ready(driver.diagnostics.get("m2vla_perception", {}))
+                               and driver.controller_status) or bool(nodes.dead()), opts.ready_timeout_s)
         if not ready or nodes.dead():
             status = driver.policy_status
             perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")

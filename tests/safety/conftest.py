@@ -270,6 +270,7 @@ def stack(random_policy, tmp_path_factory):
     from m2vla_core.rosenv import ros_environment
     from m2vla_ros import graph
     from m2vla_ros.bringup import Graph
+    from m2vla_ros.demo import perception_ready
 
     domain = safety_domain_id()
     env = ros_environment()
@@ -286,9 +287,10 @@ def stack(random_policy, tmp_path_factory):
         client.wait_for(lambda: (client.latest("policy_status") is not None
                                  and client.latest("policy_status").checkpoint == str(random_policy)
                                  and client.latest("controller_status") is not None
-                                 and client.diagnostics("m2vla_perception") is not None
+                                 and perception_ready(client.diagnostics("m2vla_perception") or {})
                                  and client.diagnostics("m2vla_sim") is not None),
-                        READY_TIMEOUT_S, "the graph to come up (policy loaded, controller, perception and sim alive)")
+                        READY_TIMEOUT_S, "the graph to come up (policy loaded, controller alive, perception's VLM "
+                                         "loaded with the contract, sim alive)")
         stack_ = SafetyStack(running, client, env, logs, random_policy)
         _SHARED["stack"] = stack_
         yield stack_

@@ -21,9 +21,6 @@ NODES = {"m2vla_perception", "m2vla_policy", "m2vla_controller"}
 
 def test_a_short_soak_stays_alive_bounded_and_reports_its_figures(random_policy, ros_env, tmp_path,
                                                                      without_shared_graph):
-    from m2vla_core.dds_shm import remove_stale_segments
-
-    remove_stale_segments(grace_s=5.0)  # what the fault tests' SIGKILLs left behind (their locks died with them)
     report_path = tmp_path / "soak.json"
     cmd = [sys.executable, "-m", "m2vla_ros.cli", "soak", "--seconds", str(SOAK_S), "--out", str(tmp_path / "out"),
            "--json", str(report_path), "--domain", str(safety_domain_id(offset=5)), "--warmup", "90",
