@@ -64,18 +64,26 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
                 joints_pub.publish(array_to_joint_state(SIM_JOINTS, np.r_[HOME[:7], HOME[7] / 2, HOME[7] / 2],
                                                         stamp=node.get_clock().now().to_msg()))
 
-    def publish(instruction_id: int) -> None:
-        features_pub.publish(hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(),
-                                           instruction_id=instruction_id, backbone_digest=config.backbone_digest))
+    instruction = {"id": 1}
+
+    def play_perception() -> None:  # features of the current instruction at 5 Hz, as perception streams them:
+        while not stop.wait(0.2):  # one lost 156 kB sample must not look like a node that did not act
+            features_pub.publish(hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(),
+                                               instruction_id=instruction["id"],
+                                               backbone_digest=config.backbone_digest))
+
+    def publish(instruction_id: int) -> None:  # a new instruction: only its first features are "new"
+        instruction["id"] = instruction_id
 
     arm = threading.Thread(target=play_arm, daemon=True)
     arm.start()
+    perception = threading.Thread(target=play_perception, daemon=True)
+    perception.start()
 
     try:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and not chunks:  # start-up: until the node answers at all
-            publish(1)
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert chunks, f"the policy node never published a chunk:\n{(tmp_path / 'policy.log').read_text()[-3000:]}"
 
         def first_chunk_after(instruction_id: int, sent: float, within_s: float) -> float | None:
@@ -129,6 +137,7 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
     finally:
         stop.set()
         arm.join(timeout=2.0)
+        perception.join(timeout=2.0)
         executor.shutdown(timeout_sec=2.0)
         spinner.join(timeout=5.0)  # a spin thread still inside rclpy at interpreter exit aborts in C++
         node.destroy_node()
