@@ -218,9 +218,12 @@ class PolicyNode(Node):
             self._tick_now()
 
     def _on_estop(self, msg: Bool) -> None:
+        released = self._estop and not msg.data
         self._estop = bool(msg.data)
         if self._estop:
             self._set_state(PolicyStatus.STATE_WAITING, "e-stop latched")
+        elif released:
+            self._set_state(PolicyStatus.STATE_WAITING, "e-stop released")
 
     def _on_reset(self, _request: Reset.Request, response: Reset.Response) -> Reset.Response:
         with self._lock:

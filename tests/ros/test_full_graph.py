@@ -175,8 +175,14 @@ def test_estop_mid_motion_holds_the_arm_and_the_policy_stops(stack):
         status = stack.policy_status()
         assert status.state == PolicyStatus.STATE_WAITING and "e-stop" in status.message
         assert stack.chunks_since(t_stop + 0.2) == 0, "the policy published chunks during the e-stop"
-    finally:
-        estop.publish(Bool(data=False))
+    finally:  # the release must arrive before the publisher goes, or the policy stays latched
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            estop.publish(Bool(data=False))
+            time.sleep(0.2)
+            status = stack.policy_status()
+            if status is not None and "e-stop latched" not in status.message:
+                break
         stack.client.destroy_publisher(estop)
 
 
