@@ -43,7 +43,12 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
     node.create_subscription(ActionChunk, "/m2vla/action_chunk", on_chunk, qos.CHUNKS)
     node.create_subscription(PolicyStatus, "/m2vla/policy_status", lambda m: statuses.append((m.message, m.instruction_id, m.chunks_published)), qos.STATUS)
     features_pub = node.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
-    joints_pub = node.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
+    # the arm driver is its own participant, as in the graph: sharing one with the 156 kB features
+    # let them fill its shared-memory segment, and the small best-effort joint states were dropped
+    arm_ctx = rclpy.Context()
+    rclpy.init(context=arm_ctx, domain_id=domain)
+    arm_node = Node("m2vla_test_arm_driver", context=arm_ctx)
+    joints_pub = arm_node.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
     executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -62,7 +67,7 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
         while not stop.wait(0.02):
             if arm_streaming.is_set():
                 joints_pub.publish(array_to_joint_state(SIM_JOINTS, np.r_[HOME[:7], HOME[7] / 2, HOME[7] / 2],
-                                                        stamp=node.get_clock().now().to_msg()))
+                                                        stamp=arm_node.get_clock().now().to_msg()))
 
     instruction = {"id": 1}
 
@@ -142,4 +147,6 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
         spinner.join(timeout=5.0)  # a spin thread still inside rclpy at interpreter exit aborts in C++
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+        arm_node.destroy_node()
+        rclpy.try_shutdown(context=arm_ctx)
         assert _stop(policy) in (0, -2), (tmp_path / "policy.log").read_text()[-3000:]
