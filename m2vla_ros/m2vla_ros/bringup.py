@@ -52,6 +52,7 @@ class Graph:
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.running: list[RunningNode] = []
+        self.stale_shm_files_removed = 0  # by the last start()
 
     def commands(self) -> list[list[str]]:
         config = graph.config_dir()
@@ -61,6 +62,7 @@ class Graph:
         from m2vla_core.dds_shm import remove_stale_segments
 
         removed = remove_stale_segments(grace_s=STALE_SHM_GRACE_S)
+        self.stale_shm_files_removed = len(removed)
         if removed:
             print(f"m2vla bringup: removed {len(removed)} Fast DDS shared-memory files of dead processes",
                   file=sys.stderr, flush=True)

@@ -205,13 +205,10 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
     from m2vla_core.rosenv import ros_environment
     from m2vla_msgs.msg import PolicyStatus
     from m2vla_ros import graph, qos
-    from m2vla_ros.bringup import STALE_SHM_GRACE_S, Graph
+    from m2vla_ros.bringup import Graph
     from m2vla_ros.demo import perception_ready
 
-    from m2vla_core.dds_shm import remove_stale_segments
-
     os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # before rclpy.init: this process too
-    stale_removed = len(remove_stale_segments(grace_s=STALE_SHM_GRACE_S))  # as Graph.start does; counted here
     env = ros_environment()
     env["ROS_DOMAIN_ID"] = str(opts.domain)
     env["PYTHONUNBUFFERED"] = "1"
@@ -230,9 +227,10 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
         "duration_s": opts.duration_s, "camera_hz": opts.camera_hz, "image": f"{opts.width}x{opts.height} rgb8",
         "instruction_hz": opts.instruction_hz, "joint_state_hz": 100.0, "launch_args": launch_args,
         "dds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""),
-        "stale_dds_shm_files_removed": stale_removed}}
+        "stale_dds_shm_files_removed": 0}}
     try:
-        nodes.start()
+        nodes.start()  # first removes dead processes' Fast DDS files
+        report["config"]["stale_dds_shm_files_removed"] = nodes.stale_shm_files_removed
         pids = {r.node.name: r.process.pid for r in nodes.running}
         threads.append(run_periodic(stop, 100.0, driver.publish_joint_state, "joint-states"))
         def policy_ready() -> bool:
