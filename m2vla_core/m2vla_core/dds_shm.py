@@ -76,9 +76,7 @@ def lock_held(lock_file: Path) -> bool | None:
         return True  # cannot ask: cannot prove the users gone
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
+    except OSError:  # BlockingIOError: someone holds it; anything else: cannot prove the users gone
         return True
     finally:
         os.close(fd)  # closing releases a lock we took
