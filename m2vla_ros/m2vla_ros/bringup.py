@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from m2vla_ros import graph
+from m2vla_ros import graph, node_process
 
 SHUTDOWN_GRACE_S = 8.0
 # Fast DDS files of dead processes older than this are removed before nodes start: a node
@@ -82,6 +82,8 @@ class Graph:
             alive = [r for r in self.running if r.process.poll() is None]
             if not alive:
                 break
+            if sig != signal.SIGINT:  # SIGINT's grace ran out: the log should say where it hung
+                node_process.request_stack_dumps([r.process for r in alive])
             for r in alive:
                 r.process.send_signal(sig)
             deadline = time.monotonic() + wait_s

@@ -24,10 +24,9 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import JointState
@@ -40,7 +39,7 @@ from m2vla_core.control import (
 )
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
-from m2vla_ros import qos
+from m2vla_ros import node_process, qos
 from m2vla_ros.conversions import (arrival_monotonic, array_to_joint_state, diagnostic_array,
                                    failed_service_response, guard_callback, joint_state_to_array, msg_to_chunk,
                                    ns_to_stamp, short)
@@ -344,33 +343,9 @@ GIL_SWITCH_INTERVAL_S = 0.0001  # default 5 ms: the command thread would wait th
 
 def main(args: list[str] | None = None) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        try:
-            node = ControllerNode()
-        except ValueError as exc:  # a bad parameter set: fail loudly at start, never stream with it
-            print(f"m2vla_controller: invalid configuration: {exc}", file=sys.stderr, flush=True)
-            code = 2
-        else:
-            # Callbacks only convert and hand over under a lock, so one executor thread is enough;
-            # the command loop has its own thread and must not wait for the GIL behind them.
-            executor = SingleThreadedExecutor()
-            executor.add_node(node)
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except RuntimeError:
-        if rclpy.ok():
-            raise
-        # SIGINT/SIGTERM shut the context down while the executor was taking a message: a clean stop
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    if code:
-        sys.exit(code)
+    # Callbacks only convert and hand over under a lock, so one executor thread is enough;
+    # the command loop has its own thread and must not wait for the GIL behind them.
+    node_process.run("m2vla_controller", ControllerNode, SingleThreadedExecutor, args=args)
 
 
 if __name__ == "__main__":

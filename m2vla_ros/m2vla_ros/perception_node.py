@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -30,7 +29,7 @@ from std_msgs.msg import String
 from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_msgs.msg import FeatureContract, LayerFeatures
-from m2vla_ros import qos
+from m2vla_ros import node_process, qos
 from m2vla_ros.conversions import (Rejections, contract_from_msg, diagnostic_array, features_to_msg, image_to_rgb,
                                    short)
 from m2vla_ros.params import declare_parameters
@@ -233,22 +232,7 @@ class PerceptionNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PerceptionNode()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except RuntimeError:
-        if rclpy.ok():  # rclpy raises RuntimeError from a wait set torn down by a signal: not an error
-            raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    node_process.run("m2vla_perception", PerceptionNode, lambda: MultiThreadedExecutor(num_threads=2), args=args)
 
 
 if __name__ == "__main__":

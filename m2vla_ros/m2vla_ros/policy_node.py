@@ -19,11 +19,10 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
 from rclpy.time import Time
@@ -34,7 +33,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
-from m2vla_ros import qos
+from m2vla_ros import node_process, qos
 from m2vla_ros.conversions import (
     Rejections, arrival_monotonic, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response,
     joint_state_to_array, msg_to_features, short, stamp_to_ns,
@@ -340,22 +339,8 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PolicyNode()
-        executor = MultiThreadedExecutor(num_threads=3)  # control tick, features, the rest (e-stop has its group)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except RuntimeError:
-        if rclpy.ok():  # rclpy raises RuntimeError from a wait set torn down by a signal: not an error
-            raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    # threads: control tick, features, the rest (the e-stop has its own group)
+    node_process.run("m2vla_policy", PolicyNode, lambda: MultiThreadedExecutor(num_threads=3), args=args)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ Refused commands and resets are logged (rate-limited) and counted by kind in /di
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseStamped
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import String
@@ -38,7 +36,7 @@ from m2vla_core.sim import SimConfig, TaskEnv, get_task, task_names
 from m2vla_core.sim.scene import COLOURS_RGBA, CUBE_SIZE_M, CameraConfig
 from m2vla_msgs.msg import TaskStatus
 from m2vla_msgs.srv import Reset
-from m2vla_ros import qos
+from m2vla_ros import node_process, qos
 from m2vla_ros.conversions import (Rejections, array_to_image, array_to_joint_state, diagnostic_array,
                                    failed_service_response, joint_state_to_array, short)
 from m2vla_ros.params import declare_parameters
@@ -272,31 +270,8 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        try:
-            node = SimNode()
-        except ValueError as exc:  # invalid parameters (SimConfig validates itself)
-            print(f"m2vla_sim: invalid configuration: {exc}", file=sys.stderr, flush=True)
-            code = 2
-        else:
-            executor = SingleThreadedExecutor()  # PyBullet is not thread-safe: one thread for every callback
-            executor.add_node(node)
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except RuntimeError:
-        if rclpy.ok():
-            raise
-        # SIGINT/SIGTERM shut the context down while the executor was taking a message: a clean stop
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    if code:
-        sys.exit(code)
+    # PyBullet is not thread-safe: one thread for every callback
+    node_process.run("m2vla_sim", SimNode, SingleThreadedExecutor, args=args)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
 
     from m2vla_core.rosenv import ros_environment
     from m2vla_msgs.msg import PolicyStatus
-    from m2vla_ros import graph, qos
+    from m2vla_ros import qos
     from m2vla_ros.bringup import Graph
     from m2vla_ros.demo import perception_ready
 
@@ -270,6 +270,9 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                       + ", ".join(f"{n} {rss_mb(p) or 0:.0f} MiB" for n, p in pids.items()), file=sys.stderr, flush=True)
         elapsed = time.monotonic() - t_start
         rss_end = {name: rss_mb(pid) for name, pid in pids.items()}
+        for name, value in rss_end.items():  # the end sample is a sample too: max >= end by construction
+            if value is not None:
+                rss_max[name] = max(rss_max[name] or 0.0, value)
         with driver.lock:
             counts_end = dict(driver.counts)
             diag_end = {k: dict(v) for k, v in driver.diagnostics.items()}

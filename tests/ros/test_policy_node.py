@@ -149,4 +149,4 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
         rclpy.try_shutdown(context=ctx)
         arm_node.destroy_node()
         rclpy.try_shutdown(context=arm_ctx)
-        assert _stop(policy) in (0, -2), (tmp_path / "policy.log").read_text()[-3000:]
+        assert _stop(policy, tmp_path / "policy.log") in (0, -2), (tmp_path / "policy.log").read_text()[-3000:]

@@ -1,0 +1,89 @@
+"""How a node process runs and stops: in bounded time, and saying where it hung if it did.
+
+- ``run()``: every node's ``main``. A bad parameter set (ValueError from the node's constructor)
+  exits with code 2 and a one-line message; SIGINT/SIGTERM stop the executor, which lets running
+  callbacks finish before the node is destroyed, then rclpy shuts down: exit code 0.
+- ``enable_stack_dumps()``: SIGUSR1 makes the process print every thread's Python stack to
+  stderr (its log) and go on running. ``m2vla bringup`` and the tests send it to a node that did
+  not stop within its grace period after SIGINT, before they escalate; ``kill -USR1 <pid>`` does
+  the same for a node that looks stuck while running.
+- ``bound_teardown()``: called once the executor has stopped. If stopping the callbacks,
+  destroying the node and the DDS participant has not finished within ``TEARDOWN_LIMIT_S``, the
+  stacks are printed and the process exits with code 1 (Python's faulthandler does both from its
+  own thread, without the GIL). A node whose teardown hangs is gone in bounded time instead of
+  waiting for SIGKILL, and its log says where it hung.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import rclpy
+from rclpy.executors import Executor, ExternalShutdownException
+from rclpy.node import Node
+
+DUMP_SIGNAL = signal.SIGUSR1
+DUMP_WAIT_S = 0.5  # [s] time for a dump to be written before the process is signalled again
+TEARDOWN_LIMIT_S = 6.0  # [s] stop callbacks, destroy node, shut down rclpy; a clean one takes about a second
+TEARDOWN_TIMEOUT_MARK = "Timeout ("  # faulthandler's first line when the teardown limit cut the process off
+
+
+def run(name: str, make_node: Callable[[], Node], make_executor: Callable[[], Executor],
+        args: list[str] | None = None) -> None:
+    """Spin one node until SIGINT/SIGTERM; see the module docstring for exit codes."""
+    enable_stack_dumps()
+    rclpy.init(args=args)
+    node: Node | None = None
+    executor: Executor | None = None
+    code = 0
+    try:
+        try:
+            node = make_node()
+        except ValueError as exc:  # a bad parameter set: fail loudly at start, never run with it
+            print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
+            code = 2
+        else:
+            executor = make_executor()
+            executor.add_node(node)
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except RuntimeError:
+        if rclpy.ok():  # rclpy raises RuntimeError from a wait set torn down by a signal: not an error
+            raise
+    finally:
+        bound_teardown()
+        if executor is not None:
+            executor.shutdown()  # callbacks still running in worker threads finish before their node goes
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    if code:
+        sys.exit(code)
+
+
+def enable_stack_dumps() -> None:
+    """Print all threads' stacks to stderr on SIGUSR1 (the node keeps running)."""
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+
+
+def bound_teardown(limit_s: float = TEARDOWN_LIMIT_S) -> None:
+    """From now on the process has ``limit_s`` to exit; past it, print the stacks and exit(1)."""
+    faulthandler.dump_traceback_later(limit_s, exit=True, file=sys.stderr)
+
+
+def request_stack_dumps(processes: list[subprocess.Popen]) -> None:
+    """Ask processes that are still alive for their stacks, and give them a moment to write them."""
+    alive = [p for p in processes if p.poll() is None]
+    for p in alive:
+        try:
+            p.send_signal(DUMP_SIGNAL)
+        except ProcessLookupError:
+            pass
+    if alive:
+        time.sleep(DUMP_WAIT_S)

@@ -1,0 +1,118 @@
+"""How every node process stops (m2vla_ros.node_process), in real processes with real rclpy."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from m2vla_ros import node_process
+
+# A node with a slow timer callback; ``behaviour`` picks what the test wants from it.
+NODE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.node import Node
+    from m2vla_ros import node_process
+
+    behaviour = sys.argv[1]
+
+    class Slow(Node):
+        def __init__(self):
+            if behaviour == "bad_parameters":
+                raise ValueError("max_speed must be > 0")
+            super().__init__("m2vla_test_slow")
+            self.create_timer(0.05, self.work)
+            print("ready", flush=True)
+
+        def work(self):
+            print("callback started", flush=True)
+            time.sleep(1.5)
+            print("callback finished", flush=True)
+
+        def destroy_node(self):
+            print("destroying", flush=True)
+            if behaviour == "hang_in_teardown":
+                time.sleep(120)
+            super().destroy_node()
+
+    node_process.run("m2vla_test_slow", Slow, lambda: MultiThreadedExecutor(num_threads=2))
+""")
+
+
+def _start(behaviour: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, behaviour], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for_line(log: Path, line: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if line in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {line!r} in {timeout_s} s:\n{log.read_text()}")
+
+
+def test_sigint_lets_the_running_callback_finish_before_the_node_is_destroyed_and_exits_0(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    proc = _start("clean", log, ros_env)
+    try:
+        _wait_for_line(log, "callback started", 60.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0) == 0, log.read_text()
+    finally:
+        proc.kill()
+    lines = log.read_text().splitlines()
+    assert "destroying" in lines
+    assert lines.index("callback finished") < lines.index("destroying"), lines
+
+
+def test_a_bad_parameter_set_exits_2_with_a_one_line_reason(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    proc = _start("bad_parameters", log, ros_env)
+    try:
+        assert proc.wait(timeout=60.0) == 2
+    finally:
+        proc.kill()
+    assert "m2vla_test_slow: invalid configuration: max_speed must be > 0" in log.read_text()
+
+
+def test_a_teardown_that_hangs_is_cut_off_in_bounded_time_and_the_log_says_where(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    proc = _start("hang_in_teardown", log, ros_env)
+    try:
+        _wait_for_line(log, "ready", 60.0)
+        proc.send_signal(signal.SIGINT)
+        _wait_for_line(log, "destroying", 10.0)
+        assert proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0) == 1, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert node_process.TEARDOWN_TIMEOUT_MARK in text
+    assert "in destroy_node" in text, text  # the stack of the thread that hung
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_node_keeps_running(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    proc = _start("clean", log, ros_env)
+    try:
+        _wait_for_line(log, "callback started", 60.0)
+        node_process.request_stack_dumps([proc])
+        _wait_for_line(log, "in work", 5.0)  # the callback's frame, in a worker thread
+        assert proc.poll() is None
+        count = log.read_text().count("callback started")
+        _wait_for_line(log, "callback finished", 5.0)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and log.read_text().count("callback started") == count:
+            time.sleep(0.05)
+        assert log.read_text().count("callback started") > count, "the node stopped working after the dump"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
