@@ -52,9 +52,24 @@ def test_noisy_expert_run_is_reproducible_for_a_seed(env):
     assert not np.array_equal(a[: len(clean)], np.array(clean)[: len(a)])
 
 
+def test_another_noise_stream_perturbs_the_same_layout_differently(env):
+    def trace(stream):
+        seen = []
+        run_expert_episode(env, "pick_lift", 5, ExpertConfig(noise_std_rad=0.02, noise_stream=stream),
+                           on_step=lambda o, a, x: seen.append(o.joint_positions.copy()))
+        return np.array(seen)
+
+    first, again, other = trace(0), trace(0), trace(1)
+    assert np.array_equal(first, again)
+    assert np.array_equal(first[0], other[0])  # same layout, same start
+    assert not np.array_equal(first[: len(other)], other[: len(first)])
+
+
 def test_noise_config_out_of_range_is_refused():
     with pytest.raises(ValueError, match="noise_std_rad"):
         ExpertConfig(noise_std_rad=-0.1)
+    with pytest.raises(ValueError, match="noise_stream"):
+        ExpertConfig(noise_stream=-1)
 
 
 def test_expert_needs_a_reset_env():

@@ -93,6 +93,19 @@ def test_record_cli_writes_successful_expert_episodes(tmp_path):
     assert info["m2vla"]["seeds"] == {"reach_above": [100, 101]} and info["fps"] == 10.0
 
 
+def test_record_cli_repeats_each_layout_with_its_own_noise(tmp_path):
+    out = tmp_path / "repeats"
+    rc = cli_main(["--out", str(out), "--tasks", "reach_above", "--episodes-per-task", "1", "--repeats", "3",
+                   "--noise", "0.02", "--image-size", "32", "--seed-offset", "7", "--no-progress"])
+    assert rc == 0
+    episodes = load_lerobot_episodes(out)
+    assert [e.seed for e in episodes] == [7, 7, 7]
+    assert all(np.array_equal(e.states[0], episodes[0].states[0]) for e in episodes)  # one layout, one start
+    assert len({e.states[: min(len(x.states) for x in episodes)].tobytes() for e in episodes}) == 3
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["m2vla"]["seeds"] == {"reach_above": [7]} and info["m2vla"]["repeats_per_seed"] == 3
+
+
 def test_record_cli_rejects_an_unknown_task(tmp_path, capsys):
     assert cli_main(["--out", str(tmp_path / "x"), "--tasks", "stak", "--no-progress"]) == 2
     assert "did you mean 'stack'" in capsys.readouterr().err

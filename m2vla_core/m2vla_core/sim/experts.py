@@ -34,14 +34,19 @@ MAX_ACCEL_M_S2 = 1.2  # set-point acceleration limit: smooth starts and stops, n
 @dataclass(frozen=True)
 class ExpertConfig:
     """``noise_std_rad``: std of Gaussian noise the *recorder* adds to executed arm targets
-    (DART-style recovery data: labels stay the clean expert actions)."""
+    (DART-style recovery data: labels stay the clean expert actions). ``noise_stream``: which
+    noise sequence; 0 is the seed's own, k > 0 another one, so one layout can be demonstrated
+    with several different perturbations."""
 
     noise_std_rad: float = 0.0
     max_steps: int = 200
+    noise_stream: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_std_rad <= 0.2:
             raise ValueError(f"ExpertConfig.noise_std_rad must be in [0, 0.2] rad, got {self.noise_std_rad}")
+        if self.noise_stream < 0:
+            raise ValueError(f"ExpertConfig.noise_stream must be >= 0, got {self.noise_stream}")
         if self.max_steps < 1:
             raise ValueError(f"ExpertConfig.max_steps must be >= 1, got {self.max_steps}")
 
@@ -310,7 +315,8 @@ def run_expert_episode(env, task: str, seed: int, config: ExpertConfig | None = 
     config = config or ExpertConfig()
     obs = env.reset(task, seed)
     expert = make_expert(env, config)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    stream = [int(config.noise_stream)] if config.noise_stream else []  # stream 0: recordings made before it existed
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919, *stream]))
     steps = 0
     while not expert.done:
         action = expert.act(obs)

@@ -9,7 +9,11 @@ One frame per control step (``--control-dt``, default 0.1 s = 10 fps): chunk pol
 control rate, and rendering is what a recording costs.
 
 With ``--noise X`` the executed arm targets get Gaussian noise of std X rad (recovery data);
-the stored ``action`` is always the clean expert target for the observed state.
+the stored ``action`` is always the clean expert target for the observed state. With
+``--repeats K`` every layout (seed) is demonstrated K times, each with its own noise sequence:
+many perturbed demonstrations of few layouts (e.g. the graph-test policy that must solve one
+layout per task, scripts/make_graph_test_policy.sh). ``--episodes-per-task`` counts layouts;
+a layout counts when at least one of its repeats succeeded.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class RecordConfig:
     seed_offset: int = 0
     noise_std_rad: float = 0.0
     keep_failures: bool = False
+    repeats: int = 1  # recordings per seed, noise streams 0..repeats-1
     max_attempts_factor: int = 2  # try at most factor * episodes_per_task seeds per task
     overwrite: bool = False
 
@@ -46,6 +51,8 @@ class RecordConfig:
             raise ValueError(f"RecordConfig.episodes_per_task must be >= 1, got {self.episodes_per_task}")
         if self.seed_offset < 0:
             raise ValueError(f"RecordConfig.seed_offset must be >= 0, got {self.seed_offset}")
+        if self.repeats < 1:
+            raise ValueError(f"RecordConfig.repeats must be >= 1, got {self.repeats}")
         if self.max_attempts_factor < 1:
             raise ValueError(f"RecordConfig.max_attempts_factor must be >= 1, got {self.max_attempts_factor}")
         if not self.tasks:
@@ -94,17 +101,16 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     sim = sim or SimConfig()
     if not sim.render:
         raise ValueError("recording needs images: SimConfig.render must be True")
-    expert_config = ExpertConfig(noise_std_rad=config.noise_std_rad)
     env = TaskEnv(sim)
     t0 = time.perf_counter()
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
-             config.noise_std_rad, "seed_offset": config.seed_offset, "state_layout": list(env.state_names),
+             config.noise_std_rad, "repeats_per_seed": config.repeats, "seed_offset": config.seed_offset, "state_layout": list(env.state_names),
              "action_layout": list(env.state_names), "seeds": {}}
     writer = LeRobotWriter(config.out, fps=1.0 / sim.control_dt_s, image_shape=(sim.image_height, sim.image_width, 3),
                            state_names=list(env.state_names), action_names=list(env.state_names), names=names,
                            wrist_image=sim.wrist_camera, extra_info=extra, overwrite=config.overwrite)
     summary = RecordSummary(0, 0, {}, {}, {}, 0.0, env.renderer)
-    bar = tqdm(total=len(config.tasks) * config.episodes_per_task, unit="ep", disable=not progress,
+    bar = tqdm(total=len(config.tasks) * config.episodes_per_task * config.repeats, unit="ep", disable=not progress,
                desc="record", dynamic_ncols=True)
     try:
         for task in config.tasks:
@@ -113,18 +119,24 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
             while kept < config.episodes_per_task and attempts < config.max_attempts_factor * config.episodes_per_task:
                 seed = config.seed_offset + attempts
                 attempts += 1
-                episode = record_episode(env, task, seed, expert_config)
-                successes += int(bool(episode.success))
-                if episode.success or config.keep_failures:
-                    writer.add_episode(episode)
+                written = 0
+                for stream in range(config.repeats):
+                    expert_config = ExpertConfig(noise_std_rad=config.noise_std_rad, noise_stream=stream)
+                    episode = record_episode(env, task, seed, expert_config)
+                    successes += int(bool(episode.success))
+                    if episode.success or config.keep_failures:
+                        writer.add_episode(episode)
+                        written += 1
+                        summary.frames += len(episode)
+                        summary.episodes += 1
+                        bar.update(1)
+                    bar.set_postfix(task=task, ok=f"{successes}/{attempts * config.repeats}")
+                if written:
                     used.append(seed)
                     kept += 1
-                    summary.frames += len(episode)
-                    bar.update(1)
-                bar.set_postfix(task=task, ok=f"{successes}/{attempts}")
-            summary.attempts[task], summary.kept[task], summary.successes[task] = attempts, kept, successes
+            summary.attempts[task] = attempts * config.repeats  # expert runs
+            summary.kept[task], summary.successes[task] = kept, successes
             extra["seeds"][task] = used
-            summary.episodes += kept
     finally:
         bar.close()
         writer.close()
@@ -140,6 +152,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--episodes-per-task", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0, help="first seed of every task")
     parser.add_argument("--noise", type=float, default=0.0, help="[rad] std of noise on executed arm targets")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="demonstrations per seed, each with its own noise sequence (use with --noise)")
     parser.add_argument("--keep-failures", action="store_true", help="also keep episodes the expert failed")
     parser.add_argument("--image-size", type=int, default=224, help="[px] square camera image")
     parser.add_argument("--control-dt", type=float, default=0.1, help="[s] control period = 1 / fps")
@@ -153,7 +167,7 @@ def cli_main(argv: list[str]) -> int:
         tasks = tuple(parse_task_list(opts.tasks))
         config = RecordConfig(out=str(opts.out), tasks=tasks, episodes_per_task=opts.episodes_per_task,
                               seed_offset=opts.seed_offset, noise_std_rad=opts.noise, keep_failures=opts.keep_failures,
-                              overwrite=opts.overwrite)
+                              repeats=opts.repeats, overwrite=opts.overwrite)
         sim = SimConfig(image_width=opts.image_size, image_height=opts.image_size, control_dt_s=opts.control_dt,
                         wrist_camera=opts.wrist, renderer=opts.renderer)
         summary = record_dataset(config, sim, progress=not opts.no_progress)
