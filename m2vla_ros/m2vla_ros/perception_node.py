@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -30,6 +29,7 @@ from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_msgs.msg import FeatureContract, LayerFeatures
 from m2vla_ros import node_process, qos
+from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.conversions import (Rejections, contract_from_msg, diagnostic_array, features_to_msg, image_to_rgb,
                                    short)
 from m2vla_ros.params import declare_parameters
@@ -232,7 +232,8 @@ class PerceptionNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    node_process.run("m2vla_perception", PerceptionNode, lambda: MultiThreadedExecutor(num_threads=2), args=args)
+    node_process.run("m2vla_perception", PerceptionNode, lambda: SingleSubmitMultiThreadedExecutor(num_threads=2),
+                     args=args)
 
 
 if __name__ == "__main__":

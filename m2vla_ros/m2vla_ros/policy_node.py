@@ -22,7 +22,6 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
 from rclpy.time import Time
@@ -34,6 +33,7 @@ from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import node_process, qos
+from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.conversions import (
     Rejections, arrival_monotonic, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response,
     joint_state_to_array, msg_to_features, short, stamp_to_ns,
@@ -340,7 +340,8 @@ class PolicyNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     # threads: control tick, features, the rest (the e-stop has its own group)
-    node_process.run("m2vla_policy", PolicyNode, lambda: MultiThreadedExecutor(num_threads=3), args=args)
+    node_process.run("m2vla_policy", PolicyNode, lambda: SingleSubmitMultiThreadedExecutor(num_threads=3),
+                     args=args)
 
 
 if __name__ == "__main__":

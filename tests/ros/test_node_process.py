@@ -14,7 +14,7 @@ from m2vla_ros import node_process
 # A node with a slow timer callback; ``behaviour`` picks what the test wants from it.
 NODE_SCRIPT = textwrap.dedent("""
     import sys, time
-    from rclpy.executors import MultiThreadedExecutor
+    from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
     from rclpy.node import Node
     from m2vla_ros import node_process
 
@@ -39,7 +39,7 @@ NODE_SCRIPT = textwrap.dedent("""
                 time.sleep(120)
             super().destroy_node()
 
-    node_process.run("m2vla_test_slow", Slow, lambda: MultiThreadedExecutor(num_threads=2))
+    node_process.run("m2vla_test_slow", Slow, lambda: SingleSubmitMultiThreadedExecutor(num_threads=2))
 """)
 
 
