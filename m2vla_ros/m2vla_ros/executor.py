@@ -29,7 +29,6 @@ class SingleSubmitMultiThreadedExecutor(MultiThreadedExecutor):
         super().__init__(num_threads=num_threads, **kwargs)
         self._waiting_in_pool: set[Task] = set()  # submitted, not yet taken by a worker
         self._waiting_lock = threading.Lock()
-        self.submissions = 0  # tasks handed to the pool (tests compare it with callbacks run)
 
     def _run_in_worker(self, task: Task) -> None:
         with self._waiting_lock:
@@ -46,7 +45,6 @@ class SingleSubmitMultiThreadedExecutor(MultiThreadedExecutor):
             if not already_waiting:
                 self._waiting_in_pool.add(handler)
         if not already_waiting:
-            self.submissions += 1
             self._executor.submit(self._run_in_worker, handler)
             self._futures.append(handler)
         for future in [f for f in self._futures if f.done()]:

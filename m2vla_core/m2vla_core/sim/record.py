@@ -104,14 +104,14 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     env = TaskEnv(sim)
     t0 = time.perf_counter()
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
-             config.noise_std_rad, "repeats_per_seed": config.repeats, "seed_offset": config.seed_offset, "state_layout": list(env.state_names),
-             "action_layout": list(env.state_names), "seeds": {}}
+             config.noise_std_rad, "repeats_per_seed": config.repeats, "seed_offset": config.seed_offset,
+             "state_layout": list(env.state_names), "action_layout": list(env.state_names), "seeds": {}}
     writer = LeRobotWriter(config.out, fps=1.0 / sim.control_dt_s, image_shape=(sim.image_height, sim.image_width, 3),
                            state_names=list(env.state_names), action_names=list(env.state_names), names=names,
                            wrist_image=sim.wrist_camera, extra_info=extra, overwrite=config.overwrite)
     summary = RecordSummary(0, 0, {}, {}, {}, 0.0, env.renderer)
-    bar = tqdm(total=len(config.tasks) * config.episodes_per_task * config.repeats, unit="ep", disable=not progress,
-               desc="record", dynamic_ncols=True)
+    bar = tqdm(total=len(config.tasks) * config.episodes_per_task * config.repeats, unit="ep",
+               disable=not progress, desc="record", dynamic_ncols=True)
     try:
         for task in config.tasks:
             kept = attempts = successes = 0
