@@ -156,7 +156,13 @@ class Peer:
                            observation_stamp=observation_stamp or stamp, sequence_id=sequence_id)
         if nan_at is not None:  # chunk_to_msg refuses NaN; corrupt the message as a faulty policy would
             msg.values[nan_at] = float("nan")
+        self._until_matched(self.chunk_pub, "the controller's chunk subscription")
         self.chunk_pub.publish(msg)
+
+    def _until_matched(self, publisher, what: str) -> None:
+        """A volatile sample published before discovery matched the reader is lost for it (CI: a
+        first chunk the controller never saw, published right after its command stream came up)."""
+        self.wait_for(lambda: publisher.get_subscription_count() > 0, f"{what} to be matched", 20.0)
 
     def command_stream(self, since: float = 0.0) -> np.ndarray:
         with self.lock:
@@ -205,6 +211,7 @@ class Peer:
     def reset_controller(self) -> None:
         with self.lock:
             self.arm = HOME.copy()
+        self._until_matched(self.estop_pub, "the controller's e-stop subscription")
         self.estop_pub.publish(Bool(data=False))
         assert self.call(self.reset_client, Reset.Request(task="", seed=-1)).success
         self.wait_status(lambda s: s.hold_reason in ("reset", "no_chunk"), "controller holding after reset")
