@@ -143,6 +143,11 @@ def diagnostic_array(name: str, hardware_id: str, level: Any, message: str, item
     return array
 
 
+def diagnostic_values(status: DiagnosticStatus) -> dict[str, str]:
+    """One received /diagnostics status as text: its ``message`` and its key / value pairs."""
+    return {"message": status.message, **{kv.key: kv.value for kv in status.values}}
+
+
 # ---------------------------------------------------------------------------------- time
 def stamp_to_ns(stamp: Time) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)

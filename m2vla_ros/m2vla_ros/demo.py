@@ -31,7 +31,7 @@ from m2vla_msgs.msg import ActionChunk, PolicyStatus, TaskStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import qos
 from m2vla_ros.bringup import Graph
-from m2vla_ros.conversions import image_to_rgb
+from m2vla_ros.conversions import diagnostic_values, image_to_rgb
 
 DEFAULT_SEED = 10_000  # held-out range: training data is recorded from seeds below this
 
@@ -84,7 +84,7 @@ class DemoClient(Node):
         for status in msg.status:
             if status.name == "m2vla_perception":
                 with self.lock:
-                    self.perception = {"message": status.message, **{kv.key: kv.value for kv in status.values}}
+                    self.perception = diagnostic_values(status)
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         with self.lock:

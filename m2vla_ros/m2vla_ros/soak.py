@@ -77,6 +77,7 @@ class SoakDriver:
 
         from m2vla_msgs.msg import ActionChunk, ControllerStatus, PolicyStatus
         from m2vla_ros import qos
+        from m2vla_ros.conversions import diagnostic_values
 
         self.node = Node("m2vla_soak_driver", context=context)
         self.lock = threading.Lock()
@@ -85,13 +86,13 @@ class SoakDriver:
                        "chunks_received": 0}
         self.controller_status: list = []  # (t, ControllerStatus)
         self.policy_status = None
-        self.diagnostics: dict = {}  # node name -> {key: value}
+        self.diagnostics: dict = {}  # node name -> {"message": ..., key: value}
         self.command_times: list[float] = []
         n = self.node
         self.image_pub = n.create_publisher(Image, "/camera/image_raw", qos.SENSOR_PUB)
         self.instruction_pub = n.create_publisher(String, "/m2vla/instruction", qos.INSTRUCTION)
         self.joint_pub = n.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
-        self._JointState, self._String = JointState, String
+        self._JointState, self._String, self._diagnostic_values = JointState, String, diagnostic_values
         n.create_subscription(JointTrajectory, trajectory_topic, self._on_trajectory, qos.COMMANDS)
         n.create_subscription(ActionChunk, "/m2vla/action_chunk", self._on_chunk, qos.CHUNKS)
         n.create_subscription(ControllerStatus, "/m2vla/controller_status", self._on_controller, qos.STATUS)
@@ -136,8 +137,7 @@ class SoakDriver:
     def _on_diagnostics(self, msg) -> None:
         with self.lock:
             for status in msg.status:
-                values = {kv.key: kv.value for kv in status.values}
-                self.diagnostics[status.name] = {"message": status.message, **values}
+                self.diagnostics[status.name] = self._diagnostic_values(status)
 
     # -- load generators (each on its own thread, absolute deadlines, never bursting)
     def publish_frame(self, k: int) -> None:

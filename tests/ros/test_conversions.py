@@ -19,7 +19,8 @@ from sensor_msgs.msg import Image, JointState
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures
 from m2vla_ros.conversions import (
     IMAGE_ENCODINGS, ConversionError, arrival_monotonic, array_to_image, array_to_joint_state, chunk_to_msg,
-    contract_to_msg, hidden_to_msg, image_to_array, image_to_rgb, joint_state_to_array, msg_to_chunk, msg_to_features,
+    contract_to_msg, diagnostic_array, diagnostic_values, hidden_to_msg, image_to_array, image_to_rgb,
+    joint_state_to_array, msg_to_chunk, msg_to_features, ns_to_stamp,
 )
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -246,3 +247,9 @@ def test_a_message_is_aged_from_when_dds_received_it_not_from_when_the_executor_
         assert arrival_monotonic(unknown, **clocks) == 100.0
     stepped_back = {"received_timestamp": 6_000_000_000}  # wall clock jumped back: never "younger" than now
     assert arrival_monotonic(stepped_back, **clocks) == 100.0
+
+
+def test_a_diagnostics_status_reads_back_as_its_message_and_text_values():
+    array = diagnostic_array("m2vla_policy", "onnxruntime", 0, "ok", {"chunks_published": 3, "state": "RUNNING"},
+                             ns_to_stamp(0))
+    assert diagnostic_values(array.status[0]) == {"message": "ok", "chunks_published": "3", "state": "RUNNING"}

@@ -54,7 +54,7 @@ class SafetyClient:
         from m2vla_core.control import PANDA_JOINT_NAMES
         from m2vla_msgs.msg import ActionChunk, ControllerStatus, PolicyStatus
         from m2vla_ros import qos
-        from m2vla_ros.conversions import joint_state_to_array
+        from m2vla_ros.conversions import diagnostic_values, joint_state_to_array
 
         self.names = list(PANDA_JOINT_NAMES)
         self.context = rclpy.Context()
@@ -89,7 +89,7 @@ class SafetyClient:
         def on_diagnostics(msg):
             with rec.lock:
                 for status in msg.status:
-                    rec.diagnostics[status.name] = (time.monotonic(), {kv.key: kv.value for kv in status.values})
+                    rec.diagnostics[status.name] = (time.monotonic(), diagnostic_values(status))
 
         def on_joints(msg):
             try:
