@@ -29,9 +29,9 @@ from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_msgs.msg import FeatureContract, LayerFeatures
 from m2vla_ros import node_process, qos
-from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.conversions import (Rejections, contract_from_msg, diagnostic_array, features_to_msg, image_to_rgb,
                                    short)
+from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.params import declare_parameters
 
 PARAMETERS = {
@@ -172,7 +172,7 @@ class PerceptionNode(Node):
                     frame.used = True
             if frame is None or instruction is None or contract is None:
                 continue
-            if time.monotonic() - frame.received_s > float(self.p["max_image_age_s"]):
+            if not self._fresh(frame):
                 if frame is not last_too_old:  # count each frame once, not every wake-up
                     last_too_old = frame
                     self.counters["frames_too_old"] += 1
@@ -206,7 +206,7 @@ class PerceptionNode(Node):
         rejected = sum(rejections.values())
         with self._lock:
             contract, frame, instruction = self._contract, self._frame, self._instruction
-        fresh_frame = frame is not None and time.monotonic() - frame.received_s <= float(self.p["max_image_age_s"])
+        fresh_frame = frame is not None and self._fresh(frame)
         level, message = DiagnosticStatus.OK, self._waiting_for(contract, fresh_frame, instruction is not None)
         if self.counters["backbone_errors"] or rejected:
             level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused; {message}"
@@ -215,6 +215,9 @@ class PerceptionNode(Node):
                  "contract_layers": ",".join(map(str, contract.layers)) if contract is not None else ""}
         self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
                                                self.get_clock().now().to_msg()))
+
+    def _fresh(self, frame: _Frame) -> bool:
+        return time.monotonic() - frame.received_s <= float(self.p["max_image_age_s"])
 
     def _waiting_for(self, contract, fresh_frame: bool, has_instruction: bool) -> str:
         """What the worker still lacks before it can publish features ("ok" when nothing)."""

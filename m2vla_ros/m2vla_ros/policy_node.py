@@ -33,11 +33,11 @@ from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
 from m2vla_ros import node_process, qos
-from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.conversions import (
     Rejections, arrival_monotonic, chunk_to_msg, contract_to_msg, diagnostic_array, failed_service_response,
     joint_state_to_array, msg_to_features, short, stamp_to_ns,
 )
+from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
 from m2vla_ros.params import declare_parameters
 
 PARAMETERS = {
