@@ -57,15 +57,20 @@ def _wait_for_line(log: Path, line: str, timeout_s: float) -> None:
     raise AssertionError(f"no {line!r} in {timeout_s} s:\n{log.read_text()}")
 
 
-def test_sigint_lets_the_running_callback_finish_before_the_node_is_destroyed_and_exits_0(tmp_path, ros_env):
-    log = tmp_path / "node.log"
-    proc = _start("clean", log, ros_env)
+def _exit_code_after_sigint(behaviour: str, log: Path, env: dict[str, str], once: str) -> int:
+    """Start the node, SIGINT it once ``once`` is in its log -> its exit code."""
+    proc = _start(behaviour, log, env)
     try:
-        _wait_for_line(log, "callback started", 60.0)
+        _wait_for_line(log, once, 60.0)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0) == 0, log.read_text()
+        return proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0)
     finally:
         proc.kill()
+
+
+def test_sigint_lets_the_running_callback_finish_before_the_node_is_destroyed_and_exits_0(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    assert _exit_code_after_sigint("clean", log, ros_env, once="callback started") == 0, log.read_text()
     lines = log.read_text().splitlines()
     assert "destroying" in lines
     assert lines.index("callback finished") < lines.index("destroying"), lines
@@ -83,15 +88,9 @@ def test_a_bad_parameter_set_exits_2_with_a_one_line_reason(tmp_path, ros_env):
 
 def test_a_teardown_that_hangs_is_cut_off_in_bounded_time_and_the_log_says_where(tmp_path, ros_env):
     log = tmp_path / "node.log"
-    proc = _start("hang_in_teardown", log, ros_env)
-    try:
-        _wait_for_line(log, "ready", 60.0)
-        proc.send_signal(signal.SIGINT)
-        _wait_for_line(log, "destroying", 10.0)
-        assert proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0) == 1, log.read_text()
-    finally:
-        proc.kill()
+    assert _exit_code_after_sigint("hang_in_teardown", log, ros_env, once="ready") == 1, log.read_text()
     text = log.read_text()
+    assert "destroying" in text.splitlines()
     assert node_process.TEARDOWN_TIMEOUT_MARK in text
     assert "in destroy_node" in text, text  # the stack of the thread that hung
 
