@@ -126,7 +126,12 @@ class PolicyEngine:
 
     @property
     def state_joint_names(self) -> tuple[str, ...]:
+        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+
         names = tuple(self.config.state_names)
+        if set(names) & set(PRIVILEGED_STATE_NAMES):
+            raise RuntimeError(f"checkpoint {self.checkpoint} reads privileged simulator state {PRIVILEGED_STATE_NAMES}: "
+                               "a diagnostic head for `m2vla eval`, not for a robot")
         if names:
             return names
         if self.config.state_dim == len(DEFAULT_STATE_NAMES):

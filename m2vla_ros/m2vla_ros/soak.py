@@ -204,7 +204,7 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
 
     from m2vla_core.rosenv import ros_environment
     from m2vla_msgs.msg import PolicyStatus
-    from m2vla_ros import qos
+    from m2vla_ros import node_process, qos
     from m2vla_ros.bringup import Graph
     from m2vla_ros.demo import perception_ready
 
@@ -239,6 +239,7 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
         ready = _wait(lambda: (policy_ready() and perception_ready(driver.diagnostics.get("m2vla_perception", {}))
                                and driver.controller_status) or bool(nodes.dead()), opts.ready_timeout_s)
         if not ready or nodes.dead():
+            node_process.request_stack_dumps([r.process for r in nodes.running])  # where a live node is stuck
             status = driver.policy_status
             perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")
             raise RuntimeError(f"the graph did not come up in {opts.ready_timeout_s:.0f} s (dead: {nodes.dead()}; "

@@ -131,3 +131,102 @@ def test_ablate_writes_a_row_per_variant(pipeline):
         assert set(row["success"]) == {"reach_above"}
     markdown = (out / "ablation.md").read_text()
     assert "| last+mlp |" in markdown and "| mol+msm |" in markdown
+
+
+# -- privileged state: what the head could do if perception located the named objects exactly --
+def _privileged_features(pipeline, out):
+    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8, chunk_len=8,
+                            privileged_state=True)
+    build_feature_dataset(pipeline["data"], out, config, cache_dir=pipeline["cache"], progress=False)
+    return FeatureDataset(out)
+
+
+def test_privileged_state_appends_each_episodes_named_objects_recomputed_from_its_seed(pipeline, tmp_path):
+    from m2vla_core.sim.lerobot_io import load_lerobot_episodes
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, get_task
+
+    plain, privileged = FeatureDataset(pipeline["features"]), _privileged_features(pipeline, tmp_path / "priv")
+    assert privileged.meta.state_dim == plain.meta.state_dim + 4
+    assert privileged.meta.state_names == (*plain.meta.state_names, *PRIVILEGED_STATE_NAMES)
+    state = privileged.batch(np.arange(len(privileged)))["state"].numpy()  # (N, S + 4)
+    np.testing.assert_array_equal(state[:, :-4], plain.batch(np.arange(len(plain)))["state"].numpy())
+    for episode in load_lerobot_episodes(pipeline["data"]):
+        truth = get_task(episode.task).make_episode(episode.seed).named_objects_xy()
+        rows = state[privileged.episode_index == episode.index, -4:]  # (T, 4)
+        assert len(rows) == len(episode)
+        np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
+
+
+def test_privileged_state_refuses_a_recording_whose_seed_now_gives_another_layout(pipeline, tmp_path):
+    import shutil
+
+    from m2vla_core.sim.tasks import get_task
+
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"], data)
+    lines = [json.loads(line) for line in (data / "meta" / "episodes.jsonl").read_text().splitlines()]
+    recorded = get_task(lines[0]["m2vla_task"]).make_episode(lines[0]["seed"]).instruction
+    lines[0]["seed"] = next(s for s in range(100, 200)
+                            if get_task(lines[0]["m2vla_task"]).make_episode(s).instruction != recorded)
+    (data / "meta" / "episodes.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match="re-record"):
+        build_feature_dataset(data, tmp_path / "out", FeaturesConfig(privileged_state=True, max_episodes=1),
+                              cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_named_object_error_moves_each_point_by_exactly_that_distance_the_same_way_every_run():
+    from m2vla_core.evaluation.agent import perturb_named_objects
+
+    xy = np.array([0.5, 0.1, 0.4, -0.2])
+    moved = perturb_named_objects(xy, 0.03)
+    np.testing.assert_allclose(np.hypot(*(moved - xy).reshape(2, 2).T), [0.03, 0.03], atol=1e-6)
+    np.testing.assert_array_equal(moved, perturb_named_objects(xy, 0.03))
+    assert not np.allclose(perturb_named_objects(xy + 0.1, 0.03) - (xy + 0.1), moved - xy, atol=1e-4)
+    same = perturb_named_objects(np.array([0.5, 0.1, 0.5, 0.1]), 0.02)  # reach: the target is the cube
+    np.testing.assert_array_equal(same[:2], same[2:])
+    np.testing.assert_array_equal(perturb_named_objects(xy, 0.0), xy.astype(np.float32))
+
+
+def test_privileged_names_anywhere_but_last_are_refused():
+    from m2vla_core.evaluation.agent import reads_privileged_state
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+
+    assert not reads_privileged_state(("panda_joint1", "gripper_opening"))
+    assert reads_privileged_state(("panda_joint1", *PRIVILEGED_STATE_NAMES))
+    with pytest.raises(ValueError, match="last"):
+        reads_privileged_state((*PRIVILEGED_STATE_NAMES, "panda_joint1"))
+
+
+def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_robot(pipeline, tmp_path):
+    from m2vla_core.evaluation.agent import VLAAgent, perturb_named_objects
+    from m2vla_core.export.cli import export_main
+    from m2vla_core.policy_engine import PolicyEngine
+    from m2vla_core.sim import SimConfig, TaskEnv
+
+    _privileged_features(pipeline, tmp_path / "priv")
+    ckpt = tmp_path / "ckpt"
+    assert train_main(["--data", str(tmp_path / "priv"), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
+                       "--no-progress"]) == 0
+    assert export_main([str(ckpt)]) == 0
+    json_path = tmp_path / "eval.json"
+    assert eval_main(["--policy", str(ckpt), "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",
+                      "--privileged-error-cm", "3", "--json", str(json_path), "--no-progress"]) == 0
+    assert json.loads(json_path.read_text())["config"]["privileged_error_m"] == pytest.approx(0.03)
+
+    agent = VLAAgent.load(ckpt, privileged_error_m=0.03)
+    with TaskEnv(SimConfig(image_width=64, image_height=64)) as env:
+        obs = env.reset("reach_above", 1000)
+    state = agent.state(obs)
+    np.testing.assert_array_equal(state[:8], obs.joint_positions.astype(np.float32))
+    np.testing.assert_array_equal(state[8:], perturb_named_objects(obs.named_objects_xy, 0.03))
+
+    engine = PolicyEngine()
+    engine.load(str(ckpt))
+    with pytest.raises(RuntimeError, match="privileged"):
+        engine.state_joint_names  # noqa: B018 - the policy node asks this before it accepts a head
+
+
+def test_eval_refuses_a_privileged_error_for_a_head_that_reads_no_privileged_state(pipeline, capsys):
+    assert eval_main(["--policy", str(pipeline["ckpt"]), "--episodes", "1", "--tasks", "reach_above",
+                      "--max-steps", "4", "--privileged-error-cm", "2", "--no-progress"]) == 2
+    assert "--privileged-state" in capsys.readouterr().err

@@ -55,6 +55,19 @@ def test_instruction_names_the_cube_and_the_target_by_colour():
         assert spec.cube != spec.target and spec.target in spec.instruction
 
 
+def test_named_objects_xy_are_the_named_cube_then_its_target_or_the_cube_again(env):
+    reach = get_task("reach_above").make_episode(4)
+    cube = reach.layout.cube(reach.cube).xy_m
+    np.testing.assert_array_equal(reach.named_objects_xy(), [*cube, *cube])
+    stack = get_task("stack").make_episode(4)
+    np.testing.assert_array_equal(stack.named_objects_xy()[2:], stack.layout.cube(stack.target).xy_m)
+    tray = get_task("put_in_tray").make_episode(4)
+    np.testing.assert_array_equal(tray.named_objects_xy()[2:], tray.layout.target("tray", tray.target).xy_m)
+    assert not np.allclose(tray.named_objects_xy()[:2], tray.named_objects_xy()[2:])
+    obs = env.reset("put_in_tray", 4)  # the simulator reports the same truth with every observation
+    np.testing.assert_array_equal(obs.named_objects_xy, tray.named_objects_xy())
+
+
 def test_instruction_phrasings_and_layouts_vary_with_the_seed():
     specs = [get_task("place_on_zone").make_episode(s) for s in range(12)]
     assert len({s.instruction.replace(s.cube, "X").replace(s.target, "Y") for s in specs}) >= 2

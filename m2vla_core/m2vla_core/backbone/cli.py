@@ -47,6 +47,7 @@ class FeaturesConfig:
     hidden_dtype: str = "float16"  # storage dtype of the training dataset (features are computed in float32)
     batch_size: int = 16
     max_episodes: int = 0  # 0 = all episodes
+    privileged_state: bool = False  # append each episode's named-object positions to the state (a diagnostic)
 
     def __post_init__(self) -> None:
         if not self.layers or any(l < 0 for l in self.layers) or list(self.layers) != sorted(set(self.layers)):
@@ -72,6 +73,24 @@ def future_chunks(actions: np.ndarray, chunk_len: int) -> np.ndarray:
     return actions[idx]  # (T, H, A)
 
 
+def privileged_columns(episode) -> np.ndarray:
+    """(T, 4) ``EpisodeSpec.named_objects_xy`` of a recorded episode, recomputed from its task and seed.
+
+    Only ``m2vla record`` episodes carry both; the instruction must match the one the seed gives
+    today, or the suite changed since the recording and the positions would be another layout's.
+    """
+    from m2vla_core.sim.tasks import get_task
+
+    if not episode.task or episode.seed is None:
+        raise ValueError(f"episode {episode.index}: no m2vla_task / seed in meta/episodes.jsonl; privileged state "
+                         "needs episodes recorded by `m2vla record`")
+    spec = get_task(episode.task).make_episode(int(episode.seed))
+    if spec.instruction != episode.instruction:
+        raise ValueError(f"episode {episode.index}: {episode.task} seed {episode.seed} now gives the instruction "
+                         f"{spec.instruction!r}, the recording has {episode.instruction!r}: re-record the data")
+    return np.tile(spec.named_objects_xy().astype(np.float32), (len(episode), 1))  # (T, 4)
+
+
 def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: FeaturesConfig | None = None,
                           *, backbone=None, backbone_path: str | os.PathLike | None = None,
                           cache_dir: str | os.PathLike | None = None, names=None, progress: bool = True,
@@ -87,7 +106,7 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.instructions import clean_instruction
     from m2vla_core.sim.lerobot_io import _read_jsonl, load_info, load_lerobot_episodes
-    from m2vla_core.sim.tasks import task_names
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, task_names
     from m2vla_core.training.feature_dataset import FeatureDatasetMeta, FeatureDatasetWriter
 
     config = config or FeaturesConfig()
@@ -112,10 +131,14 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     state_names = tuple(m2.get("state_layout") or ())
     action_names = tuple(m2.get("action_layout") or ())
     fps = float(info.get("fps") or first.fps or 10.0)
-    meta = FeatureDatasetMeta(contract=contract, state_dim=state_dim, action_space="joint", action_dim=action_dim,
-                              chunk_len=config.chunk_len, dt_s=1.0 / fps, backbone_id=backbone.backbone_id,
-                              backbone_digest=backbone.weights_digest, hidden_dtype=config.hidden_dtype,
-                              state_names=state_names if len(state_names) == state_dim else (),
+    state_names = state_names if len(state_names) == state_dim else ()
+    extra_state = PRIVILEGED_STATE_NAMES if config.privileged_state else ()
+    if extra_state and not state_names:
+        raise ValueError(f"{data_dir}: privileged state needs the recording's state names (meta/info.json m2vla)")
+    meta = FeatureDatasetMeta(contract=contract, state_dim=state_dim + len(extra_state), action_space="joint",
+                              action_dim=action_dim, chunk_len=config.chunk_len, dt_s=1.0 / fps,
+                              backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
+                              hidden_dtype=config.hidden_dtype, state_names=(*state_names, *extra_state),
                               action_names=action_names if len(action_names) == action_dim else (),
                               task_names=tuple(tasks))
     writer = FeatureDatasetWriter(out_dir, meta, append=append)
@@ -158,7 +181,8 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                     extra_tasks.append(task)
                 task_index = len(tasks) + extra_tasks.index(task)
             n = len(ep)
-            writer.add(hidden, mask, ep.states, future_chunks(ep.actions, config.chunk_len),
+            states = np.hstack([ep.states, privileged_columns(ep)]) if extra_state else ep.states  # (T, S)
+            writer.add(hidden, mask, states, future_chunks(ep.actions, config.chunk_len),
                        np.full(n, index + episode_offset, dtype=np.int64), np.full(n, task_index, dtype=np.int64))
             summary["episodes"] += 1
             summary["samples"] += n
@@ -197,6 +221,8 @@ def features_main(argv: list[str]) -> int:
     p.add_argument("--state-key", default="", help="LeRobot feature holding the joint state")
     p.add_argument("--action-key", default="", help="LeRobot feature holding the action")
     p.add_argument("--append", action="store_true", help="add to an existing feature dataset with the same meta")
+    p.add_argument("--privileged-state", action="store_true",
+                   help="append the named objects' true x, y to the state: a diagnostic head for m2vla eval only")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -206,7 +232,8 @@ def features_main(argv: list[str]) -> int:
                                                   ("action", args.action_key)) if v})
         config = FeaturesConfig(layers=_parse_layers(args.layers), num_image_tokens=args.image_tokens,
                                 num_text_tokens=args.text_tokens, chunk_len=args.chunk_len,
-                                hidden_dtype=args.hidden_dtype, max_episodes=args.max_episodes)
+                                hidden_dtype=args.hidden_dtype, max_episodes=args.max_episodes,
+                                privileged_state=args.privileged_state)
         summary = build_feature_dataset(args.data, args.out, config, backbone_path=args.backbone or None,
                                         cache_dir=args.cache or None, names=names, progress=not args.no_progress,
                                         append=args.append)

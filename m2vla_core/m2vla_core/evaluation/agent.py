@@ -4,34 +4,75 @@ It runs exactly what the ROS graph runs, minus the transport: the camera frame a
 instruction go through the frozen backbone under the head's feature contract (perception
 node), then ``HeadPolicy.infer(hidden, mask, joint state)`` gives the chunk (policy node).
 So a success rate measured here is the success rate of the shipped nodes' model path.
+
+A diagnostic head trained with ``m2vla features --privileged-state`` also reads the named
+objects' true positions (``Observation.named_objects_xy``), optionally moved by a fixed error
+to ask how precise perception would have to be.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 
+def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
+    """(4,) cube x, y + target x, y, each point moved by exactly ``error_m`` [m].
+
+    The directions are drawn from the positions themselves, so one episode keeps one error (as a
+    biased detector would) and a rerun of the same seeds draws the same errors. A target that is
+    the cube itself moves with it.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    if error_m == 0.0:
+        return xy.astype(np.float32)
+    angles = np.random.default_rng(zlib.crc32(xy.tobytes())).uniform(0.0, 2.0 * math.pi, size=2)
+    if np.array_equal(xy[:2], xy[2:]):
+        angles[1] = angles[0]
+    offset = error_m * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (2 points, xy)
+    return (xy + offset.reshape(4)).astype(np.float32)
+
+
+def reads_privileged_state(state_names) -> bool:
+    """Whether a head's state ends with ``PRIVILEGED_STATE_NAMES``; refuses them anywhere else."""
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+
+    names = tuple(state_names)
+    if not any(n in PRIVILEGED_STATE_NAMES for n in names):
+        return False
+    if names[-len(PRIVILEGED_STATE_NAMES):] != PRIVILEGED_STATE_NAMES:
+        raise ValueError(f"state names {names}: privileged entries must be the last {len(PRIVILEGED_STATE_NAMES)}, "
+                         f"in the order {PRIVILEGED_STATE_NAMES}")
+    return True
+
+
 class VLAAgent:
     """Frozen backbone + trained head behind the rollout ``Agent`` protocol (``reset`` / ``act``)."""
 
-    def __init__(self, backbone, policy) -> None:
+    def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0) -> None:
         from m2vla_core.heads.checkpoint import check_backbone
 
         check_backbone(policy.config, backbone.backbone_id, backbone.weights_digest)
         backbone.check_contract(policy.config.contract)
+        if not (math.isfinite(privileged_error_m) and privileged_error_m >= 0.0):
+            raise ValueError(f"privileged_error_m must be finite and >= 0, got {privileged_error_m}")
         self.backbone = backbone
         self.policy = policy
         self.contract = policy.config.contract
+        self.privileged = reads_privileged_state(policy.config.state_names)
+        self.privileged_error_m = privileged_error_m
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
-             backbone_path: str | os.PathLike | None = None, backbone=None) -> "VLAAgent":
+             backbone_path: str | os.PathLike | None = None, backbone=None,
+             privileged_error_m: float = 0.0) -> "VLAAgent":
         """Load a head checkpoint (default: the shipped policy) and the backbone it was trained on."""
         from m2vla_core.assets_paths import default_policy_path
         from m2vla_core.backbone.adapter import FrozenBackbone
@@ -48,7 +89,7 @@ class VLAAgent:
         else:
             policy = HeadPolicy.load(ckpt, backend=backend, device=device,
                                      backbone=(backbone.backbone_id, backbone.weights_digest))
-        return cls(backbone, policy)
+        return cls(backbone, policy, privileged_error_m=privileged_error_m)
 
     @property
     def chunk_len(self) -> int:
@@ -65,8 +106,17 @@ class VLAAgent:
         bundle = self.backbone.extract(observation.image, observation.instruction, self.contract)
         hidden, mask = bundle.numpy()  # (n_layers, T, D), (T,)
         t1 = time.perf_counter()
-        chunk = self.policy.infer(hidden, mask, np.asarray(observation.joint_positions, dtype=np.float32))  # (H, A)
+        chunk = self.policy.infer(hidden, mask, self.state(observation))  # (H, A)
         t2 = time.perf_counter()
         self.backbone_ms.append((t1 - t0) * 1e3)
         self.head_ms.append((t2 - t1) * 1e3)
         return chunk
+
+    def state(self, observation) -> np.ndarray:
+        """(S,) the head's state input: the joints, then the privileged positions if it reads them."""
+        joints = np.asarray(observation.joint_positions, dtype=np.float32)
+        if not self.privileged:
+            return joints
+        if observation.named_objects_xy is None:
+            raise ValueError("this head reads privileged state, and the observation carries no named_objects_xy")
+        return np.concatenate([joints, perturb_named_objects(observation.named_objects_xy, self.privileged_error_m)])

@@ -39,6 +39,7 @@ class EvalConfig:
     max_steps: int = 200  # control steps per episode before it counts as a failure
     execute_steps: int = 4  # chunk waypoints executed before re-planning (receding horizon)
     gif: bool = True  # keep frames of each task's first episode for a GIF
+    privileged_error_m: float = 0.0  # [m] error put on a privileged-state head's object positions
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "torch"):
@@ -51,6 +52,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         if self.max_steps < 1 or self.execute_steps < 1:
             raise ValueError(f"EvalConfig.max_steps / execute_steps must be >= 1, got {self.max_steps}/{self.execute_steps}")
+        if not (np.isfinite(self.privileged_error_m) and self.privileged_error_m >= 0.0):
+            raise ValueError(f"EvalConfig.privileged_error_m must be finite and >= 0, got {self.privileged_error_m}")
 
 
 @dataclass
@@ -89,7 +92,10 @@ def _init_worker(config: EvalConfig, threads: int | None = 1) -> None:
     from m2vla_core.evaluation.agent import VLAAgent
     from m2vla_core.sim import SimConfig, TaskEnv
 
-    agent = VLAAgent.load(config.policy or None, backend=config.backend, backbone_path=config.backbone or None)
+    agent = VLAAgent.load(config.policy or None, backend=config.backend, backbone_path=config.backbone or None,
+                          privileged_error_m=config.privileged_error_m)
+    if config.privileged_error_m and not agent.privileged:
+        raise ValueError("--privileged-error-cm needs a head trained with `m2vla features --privileged-state`")
     sim = SimConfig(control_dt_s=float(agent.policy.config.dt_s))
     _WORKER.update(env=TaskEnv(sim), agent=agent, config=config)
 
@@ -265,6 +271,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=1, help=f"worker processes (1..{MAX_WORKERS})")
     p.add_argument("--max-steps", type=int, default=200, help="control steps per episode")
     p.add_argument("--execute-steps", type=int, default=4, help="chunk waypoints executed before re-planning")
+    p.add_argument("--privileged-error-cm", type=float, default=0.0,
+                   help="a privileged-state head sees each named object this far from the truth (direction per episode)")
     p.add_argument("--json", default="", help="write the JSON report here")
     p.add_argument("--out", default="", help="directory for eval.json, success.png and one GIF per task")
     p.add_argument("--no-gif", action="store_true")
@@ -276,7 +284,8 @@ def eval_main(argv: list[str]) -> int:
         config = EvalConfig(policy=args.policy, backend=args.backend, backbone=args.backbone, episodes=args.episodes,
                             seed_offset=args.seed_offset, tasks=tuple(parse_task_list(args.tasks)),
                             workers=args.workers, max_steps=args.max_steps, execute_steps=args.execute_steps,
-                            gif=not args.no_gif and bool(args.out))
+                            gif=not args.no_gif and bool(args.out),
+                            privileged_error_m=args.privileged_error_cm / 100.0)
         report = evaluate(config, progress=not args.no_progress)
         write_outputs(report, args.out or None, args.json or None)
     except (ValueError, KeyError, FileNotFoundError) as exc:

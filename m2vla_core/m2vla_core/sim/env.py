@@ -36,6 +36,7 @@ class Observation:
     time_s: float  # simulated time since reset
     step: int  # control steps since reset
     wrist_image: np.ndarray | None = None  # (H, W, 3) uint8 when SimConfig.wrist_camera
+    named_objects_xy: np.ndarray | None = None  # (4,) [m] EpisodeSpec.named_objects_xy: privileged diagnostics only
 
 
 @dataclass
@@ -145,7 +146,7 @@ class TaskEnv:
         wrist = self.scene.render_wrist() if (self.config.render and self.config.wrist_camera) else None
         return Observation(image=image, joint_positions=self.scene.arm_state(), ee_pose=self.scene.ee_pose(),
                            instruction=self.spec.instruction, task=self.spec.task, time_s=self._time_s,
-                           step=self._steps, wrist_image=wrist)
+                           step=self._steps, wrist_image=wrist, named_objects_xy=self.spec.named_objects_xy())
 
     # ----------------------------------------------------------------------------- low level
     def apply_joint_command(self, q) -> None:

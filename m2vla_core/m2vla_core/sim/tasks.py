@@ -58,6 +58,30 @@ class EpisodeSpec:
     target_kind: str  # "cube" (stack), "zone", "tray", or "" (reach, lift)
     target: str  # colour of that target, "" when none
 
+    def named_objects_xy(self) -> np.ndarray:
+        """(4,) [m] table x, y of the named cube, then of its target (the cube's own when none).
+
+        Where the layout put them at the start of the episode (a moved cube is not followed): the
+        recorded demonstrations keep no object poses, and this is what training can recompute from
+        the seed. Simulator truth that a camera-only policy must read from pixels: see
+        ``PRIVILEGED_STATE_NAMES``.
+        """
+        cube = self.layout.cube(self.cube).xy_m
+        if self.target_kind == "cube":
+            target = self.layout.cube(self.target).xy_m
+        elif self.target_kind:
+            target = self.layout.target(self.target_kind, self.target).xy_m
+        else:
+            target = cube
+        return np.array([*cube, *target], dtype=np.float64)
+
+
+# State entries a diagnostic head may read on top of the joints: the named objects' positions
+# from the simulator (``EpisodeSpec.named_objects_xy``). A head trained with them shows what the
+# policy could do if perception located the objects perfectly; no robot has them, and the ROS
+# policy node refuses such a head.
+PRIVILEGED_STATE_NAMES = ("privileged_cube_x", "privileged_cube_y", "privileged_target_x", "privileged_target_y")
+
 
 def _dist(a, b) -> float:
     return float(np.hypot(a[0] - b[0], a[1] - b[1]))
