@@ -65,6 +65,9 @@ class VLAAgent:
         self.policy = policy
         self.contract = policy.config.contract
         self.privileged = reads_privileged_state(policy.config.state_names)
+        if privileged_error_m and not self.privileged:
+            raise ValueError("a privileged error (--privileged-error-cm) needs a head trained on "
+                             "`m2vla features --privileged-state`")
         self.privileged_error_m = privileged_error_m
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time

@@ -94,8 +94,6 @@ def _init_worker(config: EvalConfig, threads: int | None = 1) -> None:
 
     agent = VLAAgent.load(config.policy or None, backend=config.backend, backbone_path=config.backbone or None,
                           privileged_error_m=config.privileged_error_m)
-    if config.privileged_error_m and not agent.privileged:
-        raise ValueError("--privileged-error-cm needs a head trained with `m2vla features --privileged-state`")
     sim = SimConfig(control_dt_s=float(agent.policy.config.dt_s))
     _WORKER.update(env=TaskEnv(sim), agent=agent, config=config)
 
