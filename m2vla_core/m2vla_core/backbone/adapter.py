@@ -224,6 +224,8 @@ class FrozenBackbone:
                 size = image_processor.size
                 lo, hi = size.get("shortest_edge"), size.get("longest_edge")
                 image_size = int(round(hi ** 0.5)) if lo and lo == hi else 224
+            else:  # the processor resizes to its own pixel budget: make that budget the requested square
+                image_processor.size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
         else:
             from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 

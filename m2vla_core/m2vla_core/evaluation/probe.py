@@ -140,13 +140,17 @@ def pixel_tokens(images: np.ndarray, grid: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, b * b * 3)
 
 
-def first_frames(episodes_per_task: int, seed_offset: int = 0):
-    """Rendered first frames of every task x seed, and (N, 4, 2) cube positions by colour (NaN = absent)."""
-    from m2vla_core.sim.env import TaskEnv
+def first_frames(episodes_per_task: int, seed_offset: int = 0, image_size: int | None = None):
+    """Rendered first frames of every task x seed, and (N, 4, 2) cube positions by colour (NaN = absent).
+
+    ``image_size`` renders square frames of that side [px] (default: the simulator's camera).
+    """
+    from m2vla_core.sim import SimConfig, TaskEnv
     from m2vla_core.sim.tasks import COLOURS, TASKS
 
     images, targets = [], []
-    with TaskEnv() as env:
+    sim = SimConfig() if image_size is None else SimConfig(image_width=image_size, image_height=image_size)
+    with TaskEnv(sim) as env:
         for task in TASKS:
             for seed in range(seed_offset, seed_offset + episodes_per_task):
                 obs = env.reset(task, seed)
@@ -196,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="0,2,4,6", help="hidden-state layers to probe (comma separated)")
     parser.add_argument("--episodes-per-task", type=int, default=80, help="layouts per task (seeds from --seed-offset)")
     parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="render and feed the backbone square frames of this side [px] (default: the camera's "
+                             "224; a Qwen2-VL backbone then has (side / 28)^2 image tokens)")
     parser.add_argument("--steps", type=int, default=ProbeConfig.steps)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="probe restarts (the best training fit is reported)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -212,15 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     from m2vla_core.backbone.tiny import default_backbone_path
 
     t0 = time.perf_counter()
-    backbone = FrozenBackbone.from_pretrained(args.backbone or default_backbone_path())
-    images, targets = first_frames(args.episodes_per_task, args.seed_offset)
+    try:
+        backbone = FrozenBackbone.from_pretrained(args.backbone or default_backbone_path(), image_size=args.image_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    images, targets = first_frames(args.episodes_per_task, args.seed_offset, backbone.image_size)
     grid = int(round(backbone.num_image_tokens_native ** 0.5))
     sources = {"pixels": pixel_tokens(images, grid)}
     with torch.no_grad():
         sources.update({f"layer {k}": v for k, v in backbone_tokens(backbone, images, layers).items()})
     print(f"probe: {len(images)} layouts, {grid}x{grid} tokens, backbone {backbone.backbone_id}", file=sys.stderr)
     report = run_probe(images, targets, sources, cfg, log=lambda s: print(s, file=sys.stderr))
-    report.update(backbone=backbone.backbone_id, seconds=time.perf_counter() - t0)
+    report.update(backbone=backbone.backbone_id, image_size=backbone.image_size, image_tokens=grid * grid,
+                  seconds=time.perf_counter() - t0)
     if args.json:
         from m2vla_core.config_io import atomic_write_text
 
