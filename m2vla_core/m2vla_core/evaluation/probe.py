@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = FrozenBackbone.from_pretrained(args.backbone or default_backbone_path(), image_size=args.image_size)
     except ValueError as exc:
         parser.error(str(exc))
-    images, targets = first_frames(args.episodes_per_task, args.seed_offset, backbone.image_size)
+    images, targets = first_frames(args.episodes_per_task, args.seed_offset, args.image_size)
     grid = int(round(backbone.num_image_tokens_native ** 0.5))
     sources = {"pixels": pixel_tokens(images, grid)}
     with torch.no_grad():
