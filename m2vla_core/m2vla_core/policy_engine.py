@@ -126,10 +126,10 @@ class PolicyEngine:
 
     @property
     def state_joint_names(self) -> tuple[str, ...]:
-        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, reads_privileged_state
 
         names = tuple(self.config.state_names)
-        if set(names) & set(PRIVILEGED_STATE_NAMES):
+        if reads_privileged_state(names):
             raise RuntimeError(f"checkpoint {self.checkpoint} reads privileged simulator state {PRIVILEGED_STATE_NAMES}: "
                                "a diagnostic head for `m2vla eval`, not for a robot")
         if names:

@@ -188,8 +188,7 @@ def test_named_object_error_moves_each_point_by_exactly_that_distance_the_same_w
 
 
 def test_privileged_names_anywhere_but_last_are_refused():
-    from m2vla_core.evaluation.agent import reads_privileged_state
-    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, reads_privileged_state
 
     assert not reads_privileged_state(("panda_joint1", "gripper_opening"))
     assert reads_privileged_state(("panda_joint1", *PRIVILEGED_STATE_NAMES))

@@ -38,24 +38,12 @@ def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
     return (xy + offset.reshape(4)).astype(np.float32)
 
 
-def reads_privileged_state(state_names) -> bool:
-    """Whether a head's state ends with ``PRIVILEGED_STATE_NAMES``; refuses them anywhere else."""
-    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
-
-    names = tuple(state_names)
-    if not any(n in PRIVILEGED_STATE_NAMES for n in names):
-        return False
-    if names[-len(PRIVILEGED_STATE_NAMES):] != PRIVILEGED_STATE_NAMES:
-        raise ValueError(f"state names {names}: privileged entries must be the last {len(PRIVILEGED_STATE_NAMES)}, "
-                         f"in the order {PRIVILEGED_STATE_NAMES}")
-    return True
-
-
 class VLAAgent:
     """Frozen backbone + trained head behind the rollout ``Agent`` protocol (``reset`` / ``act``)."""
 
     def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0) -> None:
         from m2vla_core.heads.checkpoint import check_backbone
+        from m2vla_core.sim.tasks import reads_privileged_state
 
         check_backbone(policy.config, backbone.backbone_id, backbone.weights_digest)
         backbone.check_contract(policy.config.contract)

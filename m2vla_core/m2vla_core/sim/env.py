@@ -63,6 +63,7 @@ class TaskEnv:
         self.config = config or SimConfig()
         self.scene = Scene(self.config)
         self.spec: EpisodeSpec | None = None
+        self._named_objects_xy: np.ndarray | None = None  # the episode's constant, set once per reset
         self.tracker = EpisodeTracker()
         self._command = np.zeros(ACTION_DIM)
         self._time_s = 0.0
@@ -101,6 +102,8 @@ class TaskEnv:
         """Rebuild the world for (task, seed) from scratch; identical seeds give identical episodes."""
         spec = get_task(task_name).make_episode(seed)
         self.spec = spec
+        self._named_objects_xy = spec.named_objects_xy()
+        self._named_objects_xy.setflags(write=False)  # shared by every observation of the episode
         self.scene.build(spec.layout)
         self._command = self.home_action
         self.scene.command(self._command[:7], self._command[7])
@@ -146,7 +149,7 @@ class TaskEnv:
         wrist = self.scene.render_wrist() if (self.config.render and self.config.wrist_camera) else None
         return Observation(image=image, joint_positions=self.scene.arm_state(), ee_pose=self.scene.ee_pose(),
                            instruction=self.spec.instruction, task=self.spec.task, time_s=self._time_s,
-                           step=self._steps, wrist_image=wrist, named_objects_xy=self.spec.named_objects_xy())
+                           step=self._steps, wrist_image=wrist, named_objects_xy=self._named_objects_xy)
 
     # ----------------------------------------------------------------------------- low level
     def apply_joint_command(self, q) -> None:

@@ -83,6 +83,17 @@ class EpisodeSpec:
 PRIVILEGED_STATE_NAMES = ("privileged_cube_x", "privileged_cube_y", "privileged_target_x", "privileged_target_y")
 
 
+def reads_privileged_state(state_names) -> bool:
+    """Whether a head's state ends with ``PRIVILEGED_STATE_NAMES``; refuses them anywhere else."""
+    names = tuple(state_names)
+    if not any(n in PRIVILEGED_STATE_NAMES for n in names):
+        return False
+    if names[-len(PRIVILEGED_STATE_NAMES):] != PRIVILEGED_STATE_NAMES:
+        raise ValueError(f"state names {names}: privileged entries must be the last {len(PRIVILEGED_STATE_NAMES)}, "
+                         f"in the order {PRIVILEGED_STATE_NAMES}")
+    return True
+
+
 def _dist(a, b) -> float:
     return float(np.hypot(a[0] - b[0], a[1] - b[1]))
 
