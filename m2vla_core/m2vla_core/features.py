@@ -27,6 +27,7 @@ class FeatureContract:
     num_text_tokens: int  # instruction tokens per layer (truncated / right-padded, masked)
     width: int  # hidden size D of the backbone
     dtype: str = "float32"  # dtype on the wire and into the head
+    image_size: int = 0  # [px] side of the square frame the backbone sees; 0 = its default (heads before 2026-11-26)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -43,6 +44,9 @@ class FeatureContract:
             raise ValueError(f"FeatureContract.width must be >= 1, got {self.width}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"FeatureContract.dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 0:
+            raise ValueError(f"FeatureContract.image_size must be an int >= 0 (0 = the backbone's default), "
+                             f"got {self.image_size!r}")
 
     @property
     def num_tokens(self) -> int:

@@ -44,14 +44,39 @@ class PerceptionEngine:
         self.cache = None
         self.hits = 0
         self.misses = 0
+        self._requested_size = 0  # the image_size the backbone was loaded for (0 = its default)
+        self._unservable: dict[int, str] = {}  # image sizes the backbone refused -> why
 
-    def load(self) -> None:
+    def load(self, image_size: int = 0) -> None:
+        """Load the backbone for frames of ``image_size`` px (0 = its default input size)."""
         from m2vla_core.backbone import FrozenBackbone, default_backbone_path
         from m2vla_core.backbone.cache import FeatureCache
 
         source = self.config.backbone or str(default_backbone_path())
-        self.backbone = FrozenBackbone.from_pretrained(source, device=self.config.device)
+        self.backbone = FrozenBackbone.from_pretrained(source, device=self.config.device, image_size=image_size or None)
+        self._requested_size = image_size
+        # a fresh cache: features of the same frame differ between input sizes
         self.cache = FeatureCache(max_bytes=self.config.cache_bytes) if self.config.cache_bytes else None
+
+    def serve(self, contract: FeatureContract) -> bool:
+        """Reload the backbone when ``contract`` names another input size; True when it did.
+
+        A head trained with ``m2vla features --image-size N`` must see the backbone at N px, as
+        in training; one whose contract names no size gets the backbone's default.
+        """
+        if self.backbone is None:
+            raise RuntimeError("PerceptionEngine.load() has not run")
+        wanted = contract.image_size
+        if wanted == self.backbone.image_size or (not wanted and not self._requested_size):
+            return False
+        if wanted in self._unservable:  # do not reload the VLM for every frame of a contract it cannot serve
+            raise ValueError(self._unservable[wanted])
+        try:
+            self.load(wanted)
+        except ValueError as exc:
+            self._unservable[wanted] = f"backbone {self.backbone_id} cannot take {wanted} px frames: {exc}"
+            raise ValueError(self._unservable[wanted]) from None
+        return True
 
     @property
     def backbone_id(self) -> str:

@@ -513,7 +513,8 @@ def contract_from_msg(msg: FeatureContract):
 
     layers, n_img, n_txt, width, dtype = _contract_fields(msg)
     try:
-        return CoreContract(layers=layers, num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype)
+        return CoreContract(layers=layers, num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
+                            image_size=int(msg.image_size))
     except ValueError as exc:
         raise ConversionError("bad_contract", str(exc)) from None
 
@@ -526,7 +527,8 @@ def contract_to_msg(source: Any, stamp: Time | None = None) -> FeatureContract:
     msg = FeatureContract(checkpoint=str(getattr(source, "checkpoint", "") or ""),
                           backbone_id=str(getattr(source, "backbone_id", "") or ""),
                           backbone_digest=str(getattr(source, "backbone_digest", "") or ""),
-                          layers=list(layers), num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype)
+                          layers=list(layers), num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
+                          image_size=int(getattr(contract, "image_size", 0)))
     if stamp is not None:
         msg.header.stamp = stamp
     return msg

@@ -144,7 +144,8 @@ class PerceptionNode(Node):
         if unchanged:
             return  # the policy republishes its contract every contract_period_s
         self.get_logger().info(f"feature contract: layers {list(contract.layers)}, "
-                               f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}")
+                               f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}"
+                               + (f", {contract.image_size} px frames" if contract.image_size else ""))
         self._wake.set()
 
     # -- worker -------------------------------------------------------------------------------
@@ -188,6 +189,13 @@ class PerceptionNode(Node):
                 continue
             last_key, last_run_s = key, time.monotonic()
             try:
+                if self.engine.serve(contract):
+                    self.get_logger().info(f"backbone reloaded at {self.engine.backbone.image_size} px, "
+                                           "the input size of the head's contract")
+                if min(frame.rgb.shape[:2]) < contract.image_size:
+                    self.get_logger().warning(f"camera frames are {frame.rgb.shape[1]}x{frame.rgb.shape[0]} px, smaller "
+                                           f"than the head's {contract.image_size} px input: they are upsampled",
+                                           throttle_duration_sec=10.0)
                 bundle, compute_ms = self.engine.extract(frame.rgb, instruction[1], contract)
                 msg = features_to_msg(bundle, stamp=frame.stamp, frame_id=frame.frame_id,
                                       instruction_id=instruction[0], backbone_digest=self.engine.backbone_digest,
@@ -212,7 +220,9 @@ class PerceptionNode(Node):
             level, message = DiagnosticStatus.WARN, f"{rejected} inputs refused; {message}"
         items = {**self.counters, **self.engine.stats(), **rejections, "rejected_total": rejected,
                  "last_rejection": self.rejections.last, "backbone_ready": self._backbone_ready,
-                 "contract_layers": ",".join(map(str, contract.layers)) if contract is not None else ""}
+                 "contract_layers": ",".join(map(str, contract.layers)) if contract is not None else "",
+                 "contract_image_size": contract.image_size if contract is not None else "",
+                 "backbone_image_size": self.engine.backbone.image_size if self._backbone_ready else ""}
         self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
                                                self.get_clock().now().to_msg()))
 

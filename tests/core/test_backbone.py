@@ -132,6 +132,27 @@ def test_wrong_width_raises(bb):
         bb.extract(_image(), INSTRUCTION, contract)
 
 
+def test_a_contract_for_another_input_size_is_refused_naming_both_sizes(bb):
+    wanted = bb.image_size * 2
+    contract = FeatureContract(layers=(1,), num_image_tokens=4, num_text_tokens=4, width=bb.hidden_size,
+                               image_size=wanted)
+    with pytest.raises(ValueError, match=rf"{wanted} px.*loaded at {bb.image_size} px"):
+        bb.extract(_image(), INSTRUCTION, contract)
+
+
+def test_a_contract_naming_the_loaded_input_size_is_served(built):
+    bb = FrozenBackbone.from_pretrained(built["qwen2_vl"], image_size=112)
+    contract = FeatureContract(layers=(1,), num_image_tokens=16, num_text_tokens=4, width=bb.hidden_size,
+                               image_size=112)
+    assert bb.num_image_tokens_native == 16  # (112 / 28)^2: the token grid follows the input size
+    assert bb.extract(_image(), INSTRUCTION, contract).hidden.shape == (1, 20, bb.hidden_size)
+
+
+def test_contract_image_size_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="image_size"):
+        FeatureContract(layers=(1,), num_image_tokens=4, num_text_tokens=4, width=8, image_size=-1)
+
+
 @pytest.mark.parametrize("image, message", [
     (np.zeros((32, 32, 3), dtype=np.float32), "uint8"),
     (np.zeros((32, 32), dtype=np.uint8), "shape"),

@@ -229,3 +229,28 @@ def test_eval_refuses_a_privileged_error_for_a_head_that_reads_no_privileged_sta
     assert eval_main(["--policy", str(pipeline["ckpt"]), "--episodes", "1", "--tasks", "reach_above",
                       "--max-steps", "4", "--privileged-error-cm", "2", "--no-progress"]) == 2
     assert "--privileged-state" in capsys.readouterr().err
+
+
+def test_a_head_trained_at_another_input_size_carries_it_to_eval(pipeline, tmp_path):
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.export.cli import export_main
+
+    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=4, num_text_tokens=8, chunk_len=8, image_size=56)
+    build_feature_dataset(pipeline["data"], tmp_path / "f56", config, cache_dir=pipeline["cache"], progress=False)
+    assert FeatureDataset(tmp_path / "f56").meta.contract.image_size == 56
+    ckpt = tmp_path / "ckpt"
+    assert train_main(["--data", str(tmp_path / "f56"), "--out", str(ckpt), "--steps", "10", "--batch-size", "16",
+                       "--no-progress"]) == 0
+    assert export_main([str(ckpt)]) == 0
+    agent = VLAAgent.load(ckpt)
+    assert agent.backbone.image_size == 56  # loaded at the contract's size, not the backbone's default 224
+    sim = agent.sim_config()
+    assert (sim.image_width, sim.image_height) == (56, 56)  # and the camera renders what training saw
+    assert eval_main(["--policy", str(ckpt), "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",
+                      "--no-progress"]) == 0
+
+
+def test_features_refuse_an_input_size_larger_than_the_recorded_frames(pipeline, tmp_path, capsys):
+    assert features_main(["--data", str(pipeline["data"]), "--out", str(tmp_path / "f"), "--cache",
+                          str(pipeline["cache"]), "--image-size", "112", "--no-progress", *SMALL]) == 2
+    assert "m2vla record --image-size 112" in capsys.readouterr().err

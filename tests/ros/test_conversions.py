@@ -233,7 +233,10 @@ def test_contract_messages_convert_both_ways():
                                              dtype="bfloat16"))
     assert core.shape == (2, 6, 8)
     back = contract_to_msg(core)
-    assert list(back.layers) == [1, 3] and back.dtype == "bfloat16"
+    assert list(back.layers) == [1, 3] and back.dtype == "bfloat16" and back.image_size == 0
+    sized = contract_from_msg(FeatureContract(layers=[1], num_image_tokens=4, num_text_tokens=2, width=8,
+                                              dtype="float32", image_size=448))
+    assert sized.image_size == 448 and contract_to_msg(sized).image_size == 448
     with pytest.raises(ValueError, match="strictly increasing"):
         contract_from_msg(FeatureContract(layers=[3, 1], num_image_tokens=4, num_text_tokens=2, width=8,
                                           dtype="float32"))

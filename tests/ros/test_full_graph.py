@@ -8,7 +8,9 @@ policy's status and its services.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -253,3 +255,28 @@ def test_load_policy_swaps_the_checkpoint_while_running_and_refuses_a_bad_one(st
     finally:
         call_service(load, LoadPolicy.Request(checkpoint="", backend="onnxruntime"), 60.0)
         stack.client.destroy_client(load)
+
+
+def test_a_head_trained_at_another_input_size_gets_perception_at_that_size(stack, tmp_path):
+    """The contract carries the head's input size: perception reloads its VLM at 448 px, then back."""
+    sized = tmp_path / "one_layout_448"
+    shutil.copytree(ONE_LAYOUT_POLICY, sized, ignore=shutil.ignore_patterns("model.onnx"))
+    config = json.loads((sized / "config.json").read_text())
+    config["contract"]["image_size"] = 448
+    (sized / "config.json").write_text(json.dumps(config))
+
+    def perception_size() -> str:
+        with stack.client.lock:
+            return stack.client.perception.get("backbone_image_size", "")
+
+    load = stack.client.create_client(LoadPolicy, "/m2vla_policy/load_policy")
+    try:
+        answer = call_service(load, LoadPolicy.Request(checkpoint=str(sized), backend="torch"), 60.0)
+        assert answer.success, answer.message
+        t0 = stack.start_episode("reach_above", ONE_LAYOUT_SEED)
+        stack.wait_for(lambda: perception_size() == "448", 60.0, "perception to reload its backbone at 448 px")
+        stack.wait_for(lambda: stack.chunks_since(t0) >= 2, 60.0, "chunks from features at 448 px")
+    finally:
+        call_service(load, LoadPolicy.Request(checkpoint="", backend="onnxruntime"), 60.0)
+        stack.client.destroy_client(load)
+    stack.wait_for(lambda: perception_size() == "224", 60.0, "perception back at its default 224 px")

@@ -296,7 +296,12 @@ class FrozenBackbone:
 
     def contract(self, layers: Sequence[int], num_image_tokens: int | None = None, num_text_tokens: int = 16,
                  dtype: str = "float32") -> FeatureContract:
-        """A FeatureContract for this backbone (width filled in; image tokens default to native)."""
+        """A FeatureContract for this backbone (width filled in; image tokens default to native).
+
+        Its ``image_size`` stays 0 (the backbone's default input size); a caller that loaded the
+        backbone at another size on purpose records that size in the contract (``m2vla features
+        --image-size``), so every consumer of the head loads the backbone the same way.
+        """
         return FeatureContract(layers=tuple(int(l) for l in layers),
                                num_image_tokens=num_image_tokens or self.num_image_tokens_native,
                                num_text_tokens=num_text_tokens, width=self.hidden_size, dtype=dtype)
@@ -309,6 +314,9 @@ class FrozenBackbone:
                              f"{self.num_layers} layers (valid hidden-state indices 0..{self.num_layers})")
         if contract.width != self.hidden_size:
             raise ValueError(f"contract width {contract.width} != backbone {self.backbone_id} hidden size {self.hidden_size}")
+        if contract.image_size and contract.image_size != self.image_size:
+            raise ValueError(f"contract wants {contract.image_size} px frames, backbone {self.backbone_id} was loaded "
+                             f"at {self.image_size} px (load it with image_size={contract.image_size})")
 
     # ------------------------------------------------------------------ extraction
     def extract(self, image: np.ndarray, instruction: str, contract: FeatureContract, *,

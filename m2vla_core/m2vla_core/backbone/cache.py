@@ -190,7 +190,7 @@ class DiskFeatureCache:
         mask = torch.stack([b.mask.detach().cpu() for _, b in items]).contiguous()  # (N, T)
         meta = {"contract": json.dumps({"layers": list(contract.layers), "num_image_tokens": contract.num_image_tokens,
                                         "num_text_tokens": contract.num_text_tokens, "width": contract.width,
-                                        "dtype": contract.dtype}),
+                                        "dtype": contract.dtype, "image_size": contract.image_size}),
                 "keys": json.dumps([k for k, _ in items]),
                 "backbone_ids": json.dumps([b.backbone_id for _, b in items]),
                 "instructions": json.dumps([b.instruction for _, b in items]),
@@ -253,7 +253,8 @@ class DiskFeatureCache:
                     raise CorruptCacheError(f"shard {row.shard} row {row.row} holds another key")
                 c = json.loads(meta["contract"])
                 contract = FeatureContract(layers=tuple(c["layers"]), num_image_tokens=c["num_image_tokens"],
-                                           num_text_tokens=c["num_text_tokens"], width=c["width"], dtype=c["dtype"])
+                                           num_text_tokens=c["num_text_tokens"], width=c["width"], dtype=c["dtype"],
+                                           image_size=int(c.get("image_size", 0)))
                 hidden = f.get_slice("hidden")[row.row]  # (nL, T, D)
                 mask = f.get_slice("mask")[row.row]  # (T,)
                 return FeatureBundle(hidden=hidden, mask=mask.bool(), contract=contract,

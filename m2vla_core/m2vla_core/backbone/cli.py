@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class FeaturesConfig:
     batch_size: int = 16
     max_episodes: int = 0  # 0 = all episodes
     privileged_state: bool = False  # append each episode's named-object positions to the state (a diagnostic)
+    image_size: int = 0  # [px] square frame the backbone sees (Qwen2-VL family); 0 = the backbone's default
 
     def __post_init__(self) -> None:
         if not self.layers or any(l < 0 for l in self.layers) or list(self.layers) != sorted(set(self.layers)):
@@ -61,6 +62,8 @@ class FeaturesConfig:
             raise ValueError(f"FeaturesConfig.hidden_dtype must be float16 or float32, got {self.hidden_dtype!r}")
         if self.max_episodes < 0:
             raise ValueError(f"FeaturesConfig.max_episodes must be >= 0, got {self.max_episodes}")
+        if self.image_size < 0:
+            raise ValueError(f"FeaturesConfig.image_size must be >= 0 (0 = the backbone's default), got {self.image_size}")
 
 
 def future_chunks(actions: np.ndarray, chunk_len: int) -> np.ndarray:
@@ -112,9 +115,13 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     config = config or FeaturesConfig()
     data_dir = Path(data_dir)
     if backbone is None:
-        backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path())
-    contract = backbone.contract(config.layers, num_image_tokens=config.num_image_tokens,
-                                 num_text_tokens=config.num_text_tokens)
+        backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(),
+                                                  image_size=config.image_size or None)
+    elif config.image_size and config.image_size != backbone.image_size:
+        raise ValueError(f"FeaturesConfig.image_size={config.image_size} but the backbone was loaded at "
+                         f"{backbone.image_size} px")
+    contract = replace(backbone.contract(config.layers, num_image_tokens=config.num_image_tokens,
+                                         num_text_tokens=config.num_text_tokens), image_size=config.image_size)
     disk = DiskFeatureCache(cache_dir or default_cache_dir())
     info = load_info(data_dir)
     episode_meta = _read_jsonl(data_dir / "meta" / "episodes.jsonl")
@@ -127,6 +134,10 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     extra_tasks: list[str] = []  # task names (or instructions) of datasets made elsewhere, in order of appearance
     first = load_lerobot_episodes(data_dir, names, episode_indices=indices[:1])[0]
     state_dim, action_dim = first.states.shape[1], first.actions.shape[1]
+    frame_h, frame_w = first.frames.shape[1:3]
+    if config.image_size and min(frame_h, frame_w) < config.image_size:
+        raise ValueError(f"{data_dir}: frames are {frame_w}x{frame_h} px; an image size of {config.image_size} would "
+                         f"only upsample them (record at `m2vla record --image-size {config.image_size}`)")
     m2 = info.get("m2vla", {}) if isinstance(info.get("m2vla"), dict) else {}
     state_names = tuple(m2.get("state_layout") or ())
     action_names = tuple(m2.get("action_layout") or ())
@@ -191,8 +202,6 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     finally:
         bar.close()
         if extra_tasks:
-            from dataclasses import replace
-
             writer.meta = replace(writer.meta, task_names=tuple(tasks + extra_tasks))
         writer.close()
     return summary
@@ -221,6 +230,9 @@ def features_main(argv: list[str]) -> int:
     p.add_argument("--state-key", default="", help="LeRobot feature holding the joint state")
     p.add_argument("--action-key", default="", help="LeRobot feature holding the action")
     p.add_argument("--append", action="store_true", help="add to an existing feature dataset with the same meta")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="[px] square frame the backbone sees (Qwen2-VL family; 0 = its default); the head's contract "
+                        "carries it, so eval and the perception node load the backbone at the same size")
     p.add_argument("--privileged-state", action="store_true",
                    help="append the named objects' true x, y to the state: a diagnostic head for m2vla eval only")
     p.add_argument("--no-progress", action="store_true")
@@ -233,7 +245,7 @@ def features_main(argv: list[str]) -> int:
         config = FeaturesConfig(layers=_parse_layers(args.layers), num_image_tokens=args.image_tokens,
                                 num_text_tokens=args.text_tokens, chunk_len=args.chunk_len,
                                 hidden_dtype=args.hidden_dtype, max_episodes=args.max_episodes,
-                                privileged_state=args.privileged_state)
+                                privileged_state=args.privileged_state, image_size=args.image_size)
         summary = build_feature_dataset(args.data, args.out, config, backbone_path=args.backbone or None,
                                         cache_dir=args.cache or None, names=names, progress=not args.no_progress,
                                         append=args.append)

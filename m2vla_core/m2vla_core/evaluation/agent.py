@@ -64,23 +64,33 @@ class VLAAgent:
     def load(cls, checkpoint: str | os.PathLike | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
              backbone_path: str | os.PathLike | None = None, backbone=None,
              privileged_error_m: float = 0.0) -> "VLAAgent":
-        """Load a head checkpoint (default: the shipped policy) and the backbone it was trained on."""
+        """Load a head checkpoint (default: the shipped policy) and the backbone it was trained on,
+        at the input size its contract names. The head is checked against the backbone in ``__init__``."""
         from m2vla_core.assets_paths import default_policy_path
         from m2vla_core.backbone.adapter import FrozenBackbone
         from m2vla_core.backbone.tiny import default_backbone_path
         from m2vla_core.export.runtime import HeadPolicy
 
-        if backbone is None:
-            backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device)
         ckpt = Path(checkpoint) if checkpoint else default_policy_path()
         if (ckpt / "packs.json").is_file():  # a routed set of skill packs (m2vla pack combine)
             from m2vla_core.packs import PackedPolicy
 
             policy = PackedPolicy.load(ckpt, backend=backend, device=device)
         else:
-            policy = HeadPolicy.load(ckpt, backend=backend, device=device,
-                                     backbone=(backbone.backbone_id, backbone.weights_digest))
+            policy = HeadPolicy.load(ckpt, backend=backend, device=device)
+        if backbone is None:
+            backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device,
+                                                      image_size=policy.config.contract.image_size or None)
         return cls(backbone, policy, privileged_error_m=privileged_error_m)
+
+    def sim_config(self):
+        """The simulator settings this head was trained under: its control period, and frames of
+        the input size its contract names (the camera's default size when it names none)."""
+        from m2vla_core.sim import SimConfig
+
+        size = self.contract.image_size
+        return SimConfig(control_dt_s=float(self.policy.config.dt_s),
+                         **({"image_width": size, "image_height": size} if size else {}))
 
     @property
     def chunk_len(self) -> int:

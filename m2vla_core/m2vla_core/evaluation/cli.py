@@ -90,12 +90,11 @@ def _init_worker(config: EvalConfig, threads: int | None = 1) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     from m2vla_core.evaluation.agent import VLAAgent
-    from m2vla_core.sim import SimConfig, TaskEnv
+    from m2vla_core.sim import TaskEnv
 
     agent = VLAAgent.load(config.policy or None, backend=config.backend, backbone_path=config.backbone or None,
                           privileged_error_m=config.privileged_error_m)
-    sim = SimConfig(control_dt_s=float(agent.policy.config.dt_s))
-    _WORKER.update(env=TaskEnv(sim), agent=agent, config=config)
+    _WORKER.update(env=TaskEnv(agent.sim_config()), agent=agent, config=config)
 
 
 def _run_job(job: tuple[str, int, bool]) -> dict:

@@ -17,29 +17,6 @@ import time
 import numpy as np
 
 
-def load_agent(policy_path: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "cpu",
-               backbone_path: str | os.PathLike | None = None, backbone=None):
-    """VLAAgent over a pack set (``packs.json``) or a single head checkpoint."""
-    from pathlib import Path
-
-    from m2vla_core.backbone.adapter import FrozenBackbone
-    from m2vla_core.backbone.tiny import default_backbone_path
-    from m2vla_core.evaluation.agent import VLAAgent
-    from m2vla_core.export.runtime import HeadPolicy
-    from m2vla_core.packs.configuration_packs import PACK_SET_NAME
-    from m2vla_core.packs.packed_policy import PackedPolicy
-
-    if backbone is None:
-        backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device)
-    ident = (backbone.backbone_id, backbone.weights_digest)
-    path = Path(policy_path)
-    if (path / PACK_SET_NAME).is_file():
-        policy = PackedPolicy.load(path, backend=backend, device=device, backbone=ident)
-    else:
-        policy = HeadPolicy.load(path, backend=backend, device=device, backbone=ident)
-    return VLAAgent(backbone, policy)
-
-
 class _TaskAwareEnv:
     """Env wrapper that forces the pack of the episode's task on reset (the 'task is named' mode)."""
 
@@ -71,10 +48,11 @@ def evaluate_packed(config, *, force_by_task: bool = False, progress: bool = Tru
     (each pack alone on its tasks). The routed pack, confidence and any refusal of every
     episode are kept in ``report.config['episode_notes']``.
     """
-    from m2vla_core.sim import SimConfig, TaskEnv
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.sim import TaskEnv
 
-    agent = load_agent(config.policy, backend=config.backend, backbone_path=config.backbone or None, backbone=backbone)
-    env = TaskEnv(SimConfig(control_dt_s=float(agent.policy.config.dt_s)))
+    agent = VLAAgent.load(config.policy, backend=config.backend, backbone_path=config.backbone or None, backbone=backbone)
+    env = TaskEnv(agent.sim_config())
     run_env = _TaskAwareEnv(env, agent.policy) if force_by_task else env
 
     def note(job) -> dict:
