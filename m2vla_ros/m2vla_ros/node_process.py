@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import faulthandler
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,3 +88,19 @@ def request_stack_dumps(processes: list[subprocess.Popen]) -> None:
             pass
     if alive:
         time.sleep(DUMP_WAIT_S)
+
+
+def native_stacks(pid: int, timeout_s: float = 30.0) -> str:
+    """Every thread's native stack of a live process, from gdb when it is installed ("" otherwise).
+
+    Python's dump shows only Python threads; a node stuck inside DDS or a wait set needs these.
+    """
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return ""
+    try:
+        done = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt"],
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return f"gdb did not answer within {timeout_s:.0f} s"
+    return done.stdout + done.stderr

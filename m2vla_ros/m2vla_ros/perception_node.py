@@ -86,8 +86,8 @@ class PerceptionNode(Node):
         self.create_subscription(Image, self.p["image_topic"], guard("image", self._on_image), qos.SENSOR)
         self.create_subscription(String, "/m2vla/instruction", guard("instruction", self._on_instruction),
                                  qos.INSTRUCTION)
-        self.create_subscription(FeatureContract, "/m2vla/feature_contract", guard("contract", self._on_contract),
-                                 qos.LATCHED)
+        self.contract_sub = self.create_subscription(FeatureContract, "/m2vla/feature_contract",
+                                                     guard("contract", self._on_contract), qos.LATCHED)
         self.create_timer(1.0, guard("diagnostics", self._publish_diagnostics))
 
         self._stop = threading.Event()
@@ -232,10 +232,18 @@ class PerceptionNode(Node):
     def _waiting_for(self, contract, fresh_frame: bool, has_instruction: bool) -> str:
         """What the worker still lacks before it can publish features ("ok" when nothing)."""
         missing = [what for what, ok in (("the backbone to load", self._backbone_ready),
-                                         ("the policy's feature contract", contract is not None),
+                                         (self._contract_wait(), contract is not None),
                                          ("a camera frame younger than max_image_age_s", fresh_frame),
                                          ("an instruction", has_instruction)) if not ok]
         return f"waiting for {', '.join(missing)}" if missing else "ok"
+
+    def _contract_wait(self) -> str:
+        """Names how many contract publishers DDS matched: 0 says discovery, not the policy, is at fault."""
+        try:
+            matched = self.contract_sub.get_publisher_count()
+        except Exception:  # noqa: BLE001 - a subscription torn down at shutdown
+            matched = "?"
+        return f"the policy's feature contract ({matched} publishers matched)"
 
     def destroy_node(self) -> None:
         self._stop.set()

@@ -240,6 +240,9 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                                and driver.controller_status) or bool(nodes.dead()), opts.ready_timeout_s)
         if not ready or nodes.dead():
             node_process.request_stack_dumps([r.process for r in nodes.running])  # where a live node is stuck
+            for r in nodes.running:  # and where its native threads are (DDS, wait sets), when gdb is here
+                if r.process.poll() is None and (stacks := node_process.native_stacks(r.process.pid)):
+                    (Path(log_dir) / f"{r.node.name}.native_stacks.txt").write_text(stacks)
             status = driver.policy_status
             perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")
             raise RuntimeError(f"the graph did not come up in {opts.ready_timeout_s:.0f} s (dead: {nodes.dead()}; "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 from m2vla_ros import node_process
 
@@ -115,3 +118,17 @@ def test_sigusr1_prints_every_threads_stack_and_the_node_keeps_running(tmp_path,
             proc.wait(timeout=node_process.TEARDOWN_LIMIT_S + 5.0)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_native_stacks_show_where_a_live_process_waits_and_leave_it_running():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        stacks = node_process.native_stacks(sleeper.pid)
+        assert "nanosleep" in stacks or "select" in stacks, stacks[-2000:]
+        assert sleeper.poll() is None  # gdb detached: the process runs on
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
