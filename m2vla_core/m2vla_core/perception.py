@@ -44,36 +44,35 @@ class PerceptionEngine:
         self.cache = None
         self.hits = 0
         self.misses = 0
-        self._requested_size = 0  # the image_size the backbone was loaded for (0 = its default)
+        self._default = None  # the backbone at its default input size; self.backbone may be a resized view
         self._unservable: dict[int, str] = {}  # image sizes the backbone refused -> why
 
-    def load(self, image_size: int = 0) -> None:
-        """Load the backbone for frames of ``image_size`` px (0 = its default input size)."""
+    def load(self) -> None:
         from m2vla_core.backbone import FrozenBackbone, default_backbone_path
         from m2vla_core.backbone.cache import FeatureCache
 
         source = self.config.backbone or str(default_backbone_path())
-        self.backbone = FrozenBackbone.from_pretrained(source, device=self.config.device, image_size=image_size or None)
-        self._requested_size = image_size
-        # a fresh cache: features of the same frame differ between input sizes
+        self._default = self.backbone = FrozenBackbone.from_pretrained(source, device=self.config.device)
+        # keyed by the backbone's feature identity, which includes its input size
         self.cache = FeatureCache(max_bytes=self.config.cache_bytes) if self.config.cache_bytes else None
 
     def serve(self, contract: FeatureContract) -> bool:
-        """Reload the backbone when ``contract`` names another input size; True when it did.
+        """Switch the backbone to the input size ``contract`` names; True when it switched.
 
-        A head trained with ``m2vla features --image-size N`` must see the backbone at N px, as
-        in training; one whose contract names no size gets the backbone's default.
+        A head trained with ``m2vla features --image-size N`` must see N px frames, as in
+        training; one whose contract names no size gets the backbone's default. The switch
+        shares the loaded weights (``FrozenBackbone.at_image_size``), so it costs no reload.
         """
         if self.backbone is None:
             raise RuntimeError("PerceptionEngine.load() has not run")
-        wanted = contract.image_size
-        if wanted == self.backbone.image_size or (not wanted and not self._requested_size):
+        wanted = contract.image_size or self._default.image_size
+        if wanted == self.backbone.image_size:
             return False
-        if wanted in self._unservable:  # do not reload the VLM for every frame of a contract it cannot serve
+        if wanted in self._unservable:  # refused once: not retried for every frame
             raise ValueError(self._unservable[wanted])
         try:
-            self.load(wanted)
-        except ValueError as exc:
+            self.backbone = self._default.at_image_size(wanted)
+        except Exception as exc:  # noqa: BLE001 - whatever the backbone raises, the node refuses the contract
             self._unservable[wanted] = f"backbone {self.backbone_id} cannot take {wanted} px frames: {exc}"
             raise ValueError(self._unservable[wanted]) from None
         return True
@@ -124,7 +123,7 @@ class PerceptionEngine:
         key = None
         if self.cache is not None:
             key = self.cache.key(hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest(), instruction,
-                                 self.backbone_digest, contract)
+                                 self.backbone.feature_identity, contract)
             hit = self.cache.get(key)
             if hit is not None:
                 self.hits += 1

@@ -433,9 +433,10 @@ def decode_hidden(data, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return out.reshape(shape)
 
 
-def _contract_fields(contract: Any) -> tuple[tuple[int, ...], int, int, int, str]:
+def _contract_fields(contract: Any) -> tuple[tuple[int, ...], int, int, int, str, int]:
+    """(layers, image tokens, text tokens, width, dtype, image size) of a contract or either message."""
     return (tuple(int(x) for x in contract.layers), int(contract.num_image_tokens), int(contract.num_text_tokens),
-            int(contract.width), str(contract.dtype))
+            int(contract.width), str(contract.dtype), int(getattr(contract, "image_size", 0)))
 
 
 def msg_to_features(msg: LayerFeatures, contract: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -446,14 +447,14 @@ def msg_to_features(msg: LayerFeatures, contract: Any = None) -> tuple[np.ndarra
     message must be consistent with its own declared sizes.
     """
     declared = _contract_fields(msg)
-    layers, n_img, n_txt, width, dtype = declared
+    layers, n_img, n_txt, width, dtype, size = declared
     if contract is not None:
         expected = _contract_fields(contract)
         if declared != expected:
             raise ConversionError("mismatch", f"features (layers {list(layers)}, tokens {n_img}+{n_txt}, width {width}, "
-                                              f"{dtype}) do not match the head's contract (layers "
+                                              f"{dtype}, image size {size}) do not match the head's contract (layers "
                                               f"{list(expected[0])}, tokens {expected[1]}+{expected[2]}, width "
-                                              f"{expected[3]}, {expected[4]})")
+                                              f"{expected[3]}, {expected[4]}, image size {expected[5]})")
     if dtype not in WIRE_DTYPES:
         raise ConversionError("bad_dtype", f"dtype must be one of {list(WIRE_DTYPES)}, got {dtype!r}")
     if not layers or list(layers) != sorted(set(layers)):
@@ -478,7 +479,7 @@ def msg_to_features(msg: LayerFeatures, contract: Any = None) -> tuple[np.ndarra
 def hidden_to_msg(hidden: np.ndarray, mask: np.ndarray, contract: Any, *, stamp: Time | None = None,
                   frame_id: str = "", instruction_id: int = 0, instruction: str = "", backbone_id: str = "",
                   backbone_digest: str = "", compute_ms: float = 0.0) -> LayerFeatures:
-    layers, n_img, n_txt, width, dtype = _contract_fields(contract)
+    layers, n_img, n_txt, width, dtype, size = _contract_fields(contract)
     hidden = np.asarray(hidden)
     mask = np.asarray(mask).reshape(-1)
     if hidden.shape != (len(layers), n_img + n_txt, width):
@@ -487,7 +488,7 @@ def hidden_to_msg(hidden: np.ndarray, mask: np.ndarray, contract: Any, *, stamp:
         raise ConversionError("bad_shape", f"mask {mask.shape} != ({n_img + n_txt},)")
     msg = LayerFeatures(instruction_id=int(instruction_id), instruction=str(instruction),
                         backbone_id=str(backbone_id), backbone_digest=str(backbone_digest), layers=list(layers),
-                        num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
+                        num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype, image_size=size,
                         compute_ms=float(compute_ms))
     msg.mask = array.array("B", mask.astype(np.uint8).tobytes())
     msg.data = array.array("B", encode_hidden(hidden, dtype))
@@ -511,10 +512,10 @@ def contract_from_msg(msg: FeatureContract):
     """FeatureContract message -> m2vla_core.features.FeatureContract (validates itself)."""
     from m2vla_core.features import FeatureContract as CoreContract
 
-    layers, n_img, n_txt, width, dtype = _contract_fields(msg)
+    layers, n_img, n_txt, width, dtype, size = _contract_fields(msg)
     try:
         return CoreContract(layers=layers, num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
-                            image_size=int(msg.image_size))
+                            image_size=size)
     except ValueError as exc:
         raise ConversionError("bad_contract", str(exc)) from None
 
@@ -523,12 +524,12 @@ def contract_to_msg(source: Any, stamp: Time | None = None) -> FeatureContract:
     """A core FeatureContract, or an object with ``.contract`` (+ optional ``checkpoint``,
     ``backbone_id``, ``backbone_digest``, e.g. the policy engine) -> FeatureContract message."""
     contract = getattr(source, "contract", source)
-    layers, n_img, n_txt, width, dtype = _contract_fields(contract)
+    layers, n_img, n_txt, width, dtype, size = _contract_fields(contract)
     msg = FeatureContract(checkpoint=str(getattr(source, "checkpoint", "") or ""),
                           backbone_id=str(getattr(source, "backbone_id", "") or ""),
                           backbone_digest=str(getattr(source, "backbone_digest", "") or ""),
                           layers=list(layers), num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
-                          image_size=int(getattr(contract, "image_size", 0)))
+                          image_size=size)
     if stamp is not None:
         msg.header.stamp = stamp
     return msg

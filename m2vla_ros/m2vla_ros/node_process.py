@@ -90,7 +90,7 @@ def request_stack_dumps(processes: list[subprocess.Popen]) -> None:
         time.sleep(DUMP_WAIT_S)
 
 
-def native_stacks(pid: int, timeout_s: float = 30.0) -> str:
+def native_stacks(pid: int, timeout_s: float = 20.0) -> str:
     """Every thread's native stack of a live process, from gdb when it is installed ("" otherwise).
 
     Python's dump shows only Python threads; a node stuck inside DDS or a wait set needs these.
@@ -99,7 +99,8 @@ def native_stacks(pid: int, timeout_s: float = 30.0) -> str:
     if gdb is None:
         return ""
     try:
-        done = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt"],
+        done = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-iex", "set debuginfod enabled off",
+                               "-ex", "thread apply all bt"],
                               capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return f"gdb did not answer within {timeout_s:.0f} s"

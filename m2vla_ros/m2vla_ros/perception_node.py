@@ -133,6 +133,8 @@ class PerceptionNode(Node):
             self.rejections.reject("contract", exc)
             return
         try:
+            if contract.image_size ** 2 > int(self.p["max_image_pixels"]):
+                raise ValueError(f"the head reads {contract.image_size} px frames, more than max_image_pixels")
             self.engine.check_contract(contract, msg.backbone_digest)
         except ValueError as exc:
             self.counters["contracts_rejected"] += 1
@@ -232,9 +234,10 @@ class PerceptionNode(Node):
     def _waiting_for(self, contract, fresh_frame: bool, has_instruction: bool) -> str:
         """What the worker still lacks before it can publish features ("ok" when nothing)."""
         missing = [what for what, ok in (("the backbone to load", self._backbone_ready),
-                                         (self._contract_wait(), contract is not None),
+                                         ("contract", contract is not None),
                                          ("a camera frame younger than max_image_age_s", fresh_frame),
                                          ("an instruction", has_instruction)) if not ok]
+        missing = [self._contract_wait() if what == "contract" else what for what in missing]
         return f"waiting for {', '.join(missing)}" if missing else "ok"
 
     def _contract_wait(self) -> str:
@@ -243,7 +246,7 @@ class PerceptionNode(Node):
             matched = self.contract_sub.get_publisher_count()
         except Exception:  # noqa: BLE001 - a subscription torn down at shutdown
             matched = "?"
-        return f"the policy's feature contract ({matched} publishers matched)"
+        return f"the policy's feature contract ({matched} publisher(s) matched)"
 
     def destroy_node(self) -> None:
         self._stop.set()

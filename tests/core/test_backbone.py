@@ -148,6 +148,24 @@ def test_a_contract_naming_the_loaded_input_size_is_served(built):
     assert bb.extract(_image(), INSTRUCTION, contract).hidden.shape == (1, 20, bb.hidden_size)
 
 
+def test_a_view_at_another_input_size_shares_the_weights_and_equals_loading_at_that_size(built, backbones):
+    bb = backbones["qwen2_vl"]
+    view = bb.at_image_size(112)
+    assert view.model is bb.model and view.image_size == 112 and bb.image_size == 224
+    contract = FeatureContract(layers=(1, 2), num_image_tokens=16, num_text_tokens=4, width=bb.hidden_size,
+                               image_size=112)
+    loaded = FrozenBackbone.from_pretrained(built["qwen2_vl"], image_size=112)
+    torch.testing.assert_close(view.extract(_image(), INSTRUCTION, contract).hidden,
+                               loaded.extract(_image(), INSTRUCTION, contract).hidden)
+    assert view.feature_identity == loaded.feature_identity != bb.feature_identity
+
+
+def test_a_fixed_size_family_refuses_a_view_at_another_size(backbones):
+    bb = backbones["idefics3"]
+    with pytest.raises(ValueError, match="native image size"):
+        bb.at_image_size(bb.image_size * 2)
+
+
 def test_contract_image_size_must_be_a_non_negative_int():
     with pytest.raises(ValueError, match="image_size"):
         FeatureContract(layers=(1,), num_image_tokens=4, num_text_tokens=4, width=8, image_size=-1)

@@ -1,4 +1,4 @@
-"""The perception engine serves the head's input size: the backbone is reloaded, never guessed."""
+"""The perception engine serves the head's input size: the backbone switches to it, never guesses."""
 
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ def engine() -> PerceptionEngine:
     return engine
 
 
-def test_a_contract_with_another_input_size_reloads_the_backbone_once_and_back(engine):
+def test_a_contract_with_another_input_size_switches_the_backbone_once_and_back(engine):
     default = engine.backbone.image_size
     sized = _contract(engine, 112)
     assert engine.serve(sized) is True and engine.backbone.image_size == 112
-    assert engine.serve(sized) is False  # already there: no second reload
+    assert engine.serve(sized) is False  # already there: no second switch
     bundle, _ = engine.extract(FRAME, "touch the red cube", sized)
     assert bundle.contract.image_size == 112
     assert engine.serve(_contract(engine, 0)) is True and engine.backbone.image_size == default
+    assert engine.serve(_contract(engine, default)) is False  # naming the default size is the default
 
 
 def test_features_cached_at_one_input_size_are_not_served_at_another(engine):
@@ -42,12 +43,14 @@ def test_features_cached_at_one_input_size_are_not_served_at_another(engine):
     assert not np.allclose(at_112.hidden.numpy(), at_default.hidden.numpy())
 
 
-def test_an_input_size_the_backbone_cannot_take_is_refused_without_reloading_for_every_frame(engine, monkeypatch):
+def test_an_input_size_the_backbone_cannot_take_is_refused_once_not_retried_for_every_frame(engine, monkeypatch):
+    from m2vla_core.backbone import FrozenBackbone
+
     bad = _contract(engine, 100)  # not a multiple of the 28 px merged patch
     with pytest.raises(ValueError, match="cannot take 100 px frames"):
         engine.serve(bad)
-    loads = []
-    monkeypatch.setattr(engine, "load", lambda *a, **k: loads.append(a))
+    tries = []
+    monkeypatch.setattr(FrozenBackbone, "at_image_size", lambda self, n: tries.append(n))
     with pytest.raises(ValueError, match="cannot take 100 px frames"):
         engine.serve(bad)
-    assert loads == [] and engine.backbone.image_size == 224
+    assert tries == [] and engine.backbone.image_size == 224

@@ -196,6 +196,18 @@ def test_features_round_trip_within_the_wire_dtype_precision(dtype, hidden, mask
     np.testing.assert_array_equal(got_mask, mask)
 
 
+def test_features_computed_at_another_input_size_are_refused_by_the_head():
+    from m2vla_core.features import FeatureContract as CoreContract
+
+    head = CoreContract(layers=(0, 2), num_image_tokens=3, num_text_tokens=2, width=4, image_size=448)
+    hidden, mask = np.ones((2, 5, 4), np.float32), np.ones(5, bool)
+    stale = hidden_to_msg(hidden, mask, CoreContract(layers=(0, 2), num_image_tokens=3, num_text_tokens=2, width=4))
+    with pytest.raises(ConversionError, match="image size 0.*image size 448"):
+        msg_to_features(stale, head)  # e.g. perception still at 224 px right after a head swap
+    got, _ = msg_to_features(hidden_to_msg(hidden, mask, head), head)
+    np.testing.assert_array_equal(got, hidden)
+
+
 @SETTINGS
 @given(cut=st.integers(-9, 9), dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", ""]),
        layers=st.sampled_from([[0, 2], [2, 0], [], [0, 2, 3], [1, 1]]), mask_len=st.integers(3, 7),

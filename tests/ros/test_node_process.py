@@ -126,6 +126,8 @@ def test_native_stacks_show_where_a_live_process_waits_and_leave_it_running():
     try:
         time.sleep(0.5)
         stacks = node_process.native_stacks(sleeper.pid)
+        if "Operation not permitted" in stacks or "Could not attach" in stacks:
+            pytest.skip("this machine does not allow ptrace (Yama ptrace_scope, or no CAP_SYS_PTRACE)")
         assert "nanosleep" in stacks or "select" in stacks, stacks[-2000:]
         assert sleeper.poll() is None  # gdb detached: the process runs on
     finally:

@@ -31,6 +31,7 @@ index ``num_layers`` carries the model's final norm.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import threading
@@ -126,6 +127,11 @@ class _Prefix:
     span: tuple[int, int]  # [start, end) of the instruction tokens inside ids
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer run: (1, kv_heads, P, hd)
     hidden: list[torch.Tensor]  # per hidden-state index 0..layers_run: (1, P, D)
+
+
+def _set_square_budget(image_processor, image_size: int) -> None:
+    """Qwen2-VL processors resize to a pixel budget: make that budget the requested square."""
+    image_processor.size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
 
 
 class FrozenBackbone:
@@ -224,8 +230,8 @@ class FrozenBackbone:
                 size = image_processor.size
                 lo, hi = size.get("shortest_edge"), size.get("longest_edge")
                 image_size = int(round(hi ** 0.5)) if lo and lo == hi else 224
-            else:  # the processor resizes to its own pixel budget: make that budget the requested square
-                image_processor.size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
+            else:
+                _set_square_budget(image_processor, image_size)
         else:
             from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -239,6 +245,23 @@ class FrozenBackbone:
         backbone_id = f"{model_type}:{Path(source).name}" if local else source
         return cls(model, tokenizer, image_processor, model_type=model_type, backbone_id=backbone_id,
                    weights_digest=digest, image_size=image_size, max_instruction_tokens=max_instruction_tokens)
+
+    def at_image_size(self, image_size: int) -> FrozenBackbone:
+        """The same frozen model reading ``image_size`` px frames: shares the weights, loads nothing.
+
+        Qwen2-VL-family models take any multiple of their merged patch (28 px); the others have
+        one native size and raise ValueError for another.
+        """
+        if image_size == self.image_size:
+            return self
+        if not self._is_qwen:
+            raise ValueError(f"{self.model_type} takes its native image size {self.image_size}, got {image_size}")
+        processor = copy.deepcopy(self.image_processor)
+        _set_square_budget(processor, image_size)
+        return FrozenBackbone(self.model, self.tokenizer, processor, model_type=self.model_type,
+                              backbone_id=self._backbone_id, weights_digest=self._weights_digest,
+                              image_size=image_size, max_instruction_tokens=self.max_instruction_tokens,
+                              prefix_cache_size=self._prefix_cache_size)
 
     def _freeze(self) -> None:
         self.model.eval()

@@ -114,14 +114,6 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
 
     config = config or FeaturesConfig()
     data_dir = Path(data_dir)
-    if backbone is None:
-        backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(),
-                                                  image_size=config.image_size or None)
-    elif config.image_size and config.image_size != backbone.image_size:
-        raise ValueError(f"FeaturesConfig.image_size={config.image_size} but the backbone was loaded at "
-                         f"{backbone.image_size} px")
-    contract = replace(backbone.contract(config.layers, num_image_tokens=config.num_image_tokens,
-                                         num_text_tokens=config.num_text_tokens), image_size=config.image_size)
     disk = DiskFeatureCache(cache_dir or default_cache_dir())
     info = load_info(data_dir)
     episode_meta = _read_jsonl(data_dir / "meta" / "episodes.jsonl")
@@ -138,6 +130,14 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     if config.image_size and min(frame_h, frame_w) < config.image_size:
         raise ValueError(f"{data_dir}: frames are {frame_w}x{frame_h} px; an image size of {config.image_size} would "
                          f"only upsample them (record at `m2vla record --image-size {config.image_size}`)")
+    if backbone is None:  # after the cheap checks: loading a real VLM takes a while
+        backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(),
+                                                  image_size=config.image_size or None)
+    elif config.image_size and config.image_size != backbone.image_size:
+        raise ValueError(f"FeaturesConfig.image_size={config.image_size} but the backbone was loaded at "
+                         f"{backbone.image_size} px")
+    contract = replace(backbone.contract(config.layers, num_image_tokens=config.num_image_tokens,
+                                         num_text_tokens=config.num_text_tokens), image_size=config.image_size)
     m2 = info.get("m2vla", {}) if isinstance(info.get("m2vla"), dict) else {}
     state_names = tuple(m2.get("state_layout") or ())
     action_names = tuple(m2.get("action_layout") or ())

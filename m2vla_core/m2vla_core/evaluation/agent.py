@@ -84,8 +84,8 @@ class VLAAgent:
         return cls(backbone, policy, privileged_error_m=privileged_error_m)
 
     def sim_config(self):
-        """The simulator settings this head was trained under: its control period, and frames of
-        the input size its contract names (the camera's default size when it names none)."""
+        """Simulator settings for this head: its control period, and camera frames of the input
+        size its contract names (the camera's default size when it names none)."""
         from m2vla_core.sim import SimConfig
 
         size = self.contract.image_size
