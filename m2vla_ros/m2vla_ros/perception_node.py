@@ -192,7 +192,7 @@ class PerceptionNode(Node):
             last_key, last_run_s = key, time.monotonic()
             try:
                 if self.engine.serve(contract):
-                    self.get_logger().info(f"backbone reloaded at {self.engine.backbone.image_size} px, "
+                    self.get_logger().info(f"backbone switched to {self.engine.backbone.image_size} px frames, "
                                            "the input size of the head's contract")
                 if min(frame.rgb.shape[:2]) < contract.image_size:
                     self.get_logger().warning(f"camera frames are {frame.rgb.shape[1]}x{frame.rgb.shape[0]} px, smaller "
@@ -234,10 +234,9 @@ class PerceptionNode(Node):
     def _waiting_for(self, contract, fresh_frame: bool, has_instruction: bool) -> str:
         """What the worker still lacks before it can publish features ("ok" when nothing)."""
         missing = [what for what, ok in (("the backbone to load", self._backbone_ready),
-                                         ("contract", contract is not None),
+                                         (self._contract_wait() if contract is None else "", contract is not None),
                                          ("a camera frame younger than max_image_age_s", fresh_frame),
                                          ("an instruction", has_instruction)) if not ok]
-        missing = [self._contract_wait() if what == "contract" else what for what in missing]
         return f"waiting for {', '.join(missing)}" if missing else "ok"
 
     def _contract_wait(self) -> str:
