@@ -17,7 +17,10 @@ object (also written to ``--json``):
 - ``controller``: command rate and p99 period error as the controller reports them, and the
   command rate this process received;
 - ``exceptions``: tracebacks in node logs, ``internal`` rejections (guarded callback
-  exceptions), nodes that died. ``ok`` is false when any of these is non-zero.
+  exceptions), nodes that died. ``ok`` is false when any of these is non-zero;
+- ``start_failures``: graph starts that did not come up within ``--ready-timeout`` before one
+  did (``--start-attempts``, default 2); each one's logs and stacks stay in
+  ``logs.failed_start_N``. Only the last attempt's failure ends the soak.
 
 Large frames need Fast DDS's large-data transport (shared memory + TCP): unless
 ``FASTDDS_BUILTIN_TRANSPORTS`` is already set, it is set to ``LARGE_DATA`` for every process
@@ -139,6 +142,13 @@ class SoakDriver:
             for status in msg.status:
                 self.diagnostics[status.name] = self._diagnostic_values(status)
 
+    def forget_graph(self) -> None:
+        """Drop what the last graph said, before a fresh start: its status must not count as ready."""
+        with self.lock:
+            self.policy_status = None
+            self.diagnostics.clear()
+            self.controller_status.clear()
+
     # -- load generators (each on its own thread, absolute deadlines, never bursting)
     def publish_frame(self, k: int) -> None:
         msg = self.frames[k % len(self.frames)]
@@ -197,6 +207,23 @@ def _log_exceptions(log_dir: Path) -> dict[str, int]:
     return {p.stem: len(TRACEBACK.findall(p.read_text(errors="replace"))) for p in sorted(log_dir.glob("*.log"))}
 
 
+def _start_failure(nodes, driver, timeout_s: float, log_dir: Path) -> str:
+    """Why the graph is not up; the live nodes' Python and native stacks go beside their logs."""
+    from m2vla_ros import node_process
+
+    node_process.request_stack_dumps([r.process for r in nodes.running])  # where a live node is stuck
+    for r in nodes.running:  # and where its native threads are (DDS, wait sets), when gdb is here
+        if r.process.poll() is None and (stacks := node_process.native_stacks(r.process.pid)):
+            (log_dir / f"{r.node.name}.native_stacks.txt").write_text(stacks)
+    with driver.lock:
+        status = driver.policy_status
+        perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")
+        controller = "yes" if driver.controller_status else "none"
+    return (f"the graph did not come up in {timeout_s:.0f} s (dead: {nodes.dead()}; policy: "
+            f"{status.message if status else 'no status'}; perception: {perception}; controller status: "
+            f"{controller}); logs in {log_dir}")
+
+
 def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
     """Run the soak; -> the report (see the module docstring)."""
     import rclpy
@@ -227,27 +254,30 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
         "duration_s": opts.duration_s, "camera_hz": opts.camera_hz, "image": f"{opts.width}x{opts.height} rgb8",
         "instruction_hz": opts.instruction_hz, "joint_state_hz": 100.0, "launch_args": launch_args,
         "dds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""),
-        "stale_dds_shm_files_removed": 0}}
+        "stale_dds_shm_files_removed": 0}, "start_failures": []}
     try:
-        nodes.start()  # first removes dead processes' Fast DDS files
-        report["config"]["stale_dds_shm_files_removed"] = nodes.stale_shm_files_removed
-        pids = {r.node.name: r.process.pid for r in nodes.running}
         threads.append(run_periodic(stop, 100.0, driver.publish_joint_state, "joint-states"))
         def policy_ready() -> bool:
             return driver.policy_status is not None and driver.policy_status.state != PolicyStatus.STATE_ERROR
 
-        ready = _wait(lambda: (policy_ready() and perception_ready(driver.diagnostics.get("m2vla_perception", {}))
-                               and driver.controller_status) or bool(nodes.dead()), opts.ready_timeout_s)
-        if not ready or nodes.dead():
-            node_process.request_stack_dumps([r.process for r in nodes.running])  # where a live node is stuck
-            for r in nodes.running:  # and where its native threads are (DDS, wait sets), when gdb is here
-                if r.process.poll() is None and (stacks := node_process.native_stacks(r.process.pid)):
-                    (Path(log_dir) / f"{r.node.name}.native_stacks.txt").write_text(stacks)
-            status = driver.policy_status
-            perception = driver.diagnostics.get("m2vla_perception", {}).get("message", "no diagnostics")
-            raise RuntimeError(f"the graph did not come up in {opts.ready_timeout_s:.0f} s (dead: {nodes.dead()}; "
-                               f"policy: {status.message if status else 'no status'}; perception: {perception}; "
-                               f"controller status: {'yes' if driver.controller_status else 'none'}); logs in {log_dir}")
+        for attempt in range(1, opts.start_attempts + 1):
+            nodes.start()  # first removes dead processes' Fast DDS files
+            report["config"]["stale_dds_shm_files_removed"] += nodes.stale_shm_files_removed
+            ready = _wait(lambda: (policy_ready() and perception_ready(driver.diagnostics.get("m2vla_perception", {}))
+                                   and driver.controller_status) or bool(nodes.dead()), opts.ready_timeout_s)
+            if ready and not nodes.dead():
+                break
+            failure = _start_failure(nodes, driver, opts.ready_timeout_s, log_dir)
+            if attempt == opts.start_attempts:
+                raise RuntimeError(failure)
+            # Seen in CI (2026-11-26): every node idle and healthy, one pair of DDS participants
+            # never exchanging samples for 240 s. The evidence is kept and the graph started afresh.
+            report["start_failures"].append(failure)
+            nodes.stop()
+            log_dir.rename(log_dir.with_name(f"{log_dir.name}.failed_start_{attempt}"))
+            driver.forget_graph()
+            nodes = Graph(launch_args, env=env, log_dir=log_dir)
+        pids = {r.node.name: r.process.pid for r in nodes.running}
         threads.append(run_periodic(stop, opts.camera_hz, driver.publish_frame, "camera"))
         threads.append(run_periodic(stop, opts.instruction_hz, driver.publish_instruction, "instructions"))
         t_warmup = time.monotonic()
@@ -353,6 +383,8 @@ def main(argv: list[str]) -> int:
                         help="[s] at most this long waiting for the first chunk before measuring")
     parser.add_argument("--ready-timeout", type=float, default=240.0, dest="ready_timeout_s",
                         help="[s] for the graph to come up")
+    parser.add_argument("--start-attempts", type=int, default=2,
+                        help="graph starts before giving up; a failed start is kept in the report and its logs")
     parser.add_argument("--domain", type=int, default=None, help="ROS_DOMAIN_ID (default: from the pid, 200..221)")
     parser.add_argument("--out", type=Path, default=Path("out/soak"), help="node logs and soak.json go here")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -360,7 +392,7 @@ def main(argv: list[str]) -> int:
     opts.duration_s = opts.seconds if opts.seconds is not None else 60.0 * (opts.minutes if opts.minutes else 5.0)
     checks = {"duration": opts.duration_s > 0, "camera-hz": 0 < opts.camera_hz <= 1000,
               "instruction-hz": 0 < opts.instruction_hz <= 10000, "width": 8 <= opts.width <= 8192,
-              "height": 8 <= opts.height <= 8192}
+              "height": 8 <= opts.height <= 8192, "start-attempts": opts.start_attempts >= 1}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         print(f"m2vla soak: invalid --{', --'.join(bad)}", file=sys.stderr)
