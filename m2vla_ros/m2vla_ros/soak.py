@@ -34,6 +34,7 @@ import array
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import threading
@@ -231,7 +232,7 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
 
     from m2vla_core.rosenv import ros_environment
     from m2vla_msgs.msg import PolicyStatus
-    from m2vla_ros import node_process, qos
+    from m2vla_ros import qos
     from m2vla_ros.bringup import Graph
     from m2vla_ros.demo import perception_ready
 
@@ -272,9 +273,11 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                 raise RuntimeError(failure)
             # Seen in CI (2026-11-26): every node idle and healthy, one pair of DDS participants
             # never exchanging samples for 240 s. The evidence is kept and the graph started afresh.
-            report["start_failures"].append(failure)
             nodes.stop()
-            log_dir.rename(log_dir.with_name(f"{log_dir.name}.failed_start_{attempt}"))
+            kept = log_dir.with_name(f"{log_dir.name}.failed_start_{attempt}")
+            shutil.rmtree(kept, ignore_errors=True)  # an earlier soak's, in the same --out
+            log_dir.rename(kept)
+            report["start_failures"].append(failure.replace(f"logs in {log_dir}", f"logs in {kept}"))
             driver.forget_graph()
             nodes = Graph(launch_args, env=env, log_dir=log_dir)
         pids = {r.node.name: r.process.pid for r in nodes.running}

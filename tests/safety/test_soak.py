@@ -57,9 +57,11 @@ def test_a_short_soak_stays_alive_bounded_and_reports_its_figures(random_policy,
 def test_a_graph_that_does_not_come_up_is_started_once_more_keeping_the_first_starts_evidence(
         random_policy, ros_env, tmp_path, without_shared_graph):
     out = tmp_path / "out"
+    (out / "logs.failed_start_1").mkdir(parents=True)
+    (out / "logs.failed_start_1" / "earlier_soak.log").write_text("an earlier soak in the same --out\n")
     cmd = [sys.executable, "-m", "m2vla_ros.cli", "soak", "--seconds", "1", "--out", str(out), "--ready-timeout", "2",
            "--start-attempts", "2", "--domain", str(safety_domain_id(offset=6)), f"policy:={random_policy}"]
     run = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "did not come up in 2 s" in run.stderr, run.stderr[-2000:]
-    for logs in (out / "logs.failed_start_1", out / "logs"):  # the first start's logs are not overwritten
+    for logs in (out / "logs.failed_start_1", out / "logs"):  # the first start's logs, not overwritten, not mixed
         assert {p.name for p in logs.glob("*.log")} == {f"{n}.log" for n in NODES}, logs
