@@ -133,11 +133,9 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     if backbone is None:  # after the cheap checks: loading a real VLM takes a while
         backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(),
                                                   image_size=config.image_size or None)
-    elif config.image_size and config.image_size != backbone.image_size:
-        raise ValueError(f"FeaturesConfig.image_size={config.image_size} but the backbone was loaded at "
-                         f"{backbone.image_size} px")
     contract = replace(backbone.contract(config.layers, num_image_tokens=config.num_image_tokens,
                                          num_text_tokens=config.num_text_tokens), image_size=config.image_size)
+    backbone.check_contract(contract)  # a given backbone loaded at another size fails here, not at the first batch
     m2 = info.get("m2vla", {}) if isinstance(info.get("m2vla"), dict) else {}
     state_names = tuple(m2.get("state_layout") or ())
     action_names = tuple(m2.get("action_layout") or ())

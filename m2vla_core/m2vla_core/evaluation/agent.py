@@ -64,20 +64,30 @@ class VLAAgent:
     def load(cls, checkpoint: str | os.PathLike | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
              backbone_path: str | os.PathLike | None = None, backbone=None,
              privileged_error_m: float = 0.0) -> "VLAAgent":
-        """Load a head checkpoint (default: the shipped policy) and the backbone it was trained on,
-        at the input size its contract names. The head is checked against the backbone in ``__init__``."""
+        """Load a head checkpoint (default: the shipped policy) or a pack set, and its backbone
+        (``around``)."""
         from m2vla_core.assets_paths import default_policy_path
-        from m2vla_core.backbone.adapter import FrozenBackbone
-        from m2vla_core.backbone.tiny import default_backbone_path
         from m2vla_core.export.runtime import HeadPolicy
+        from m2vla_core.packs.configuration_packs import PACK_SET_NAME
 
         ckpt = Path(checkpoint) if checkpoint else default_policy_path()
-        if (ckpt / "packs.json").is_file():  # a routed set of skill packs (m2vla pack combine)
+        if (ckpt / PACK_SET_NAME).is_file():  # a routed set of skill packs (m2vla pack combine)
             from m2vla_core.packs import PackedPolicy
 
             policy = PackedPolicy.load(ckpt, backend=backend, device=device)
         else:
             policy = HeadPolicy.load(ckpt, backend=backend, device=device)
+        return cls.around(policy, device=device, backbone_path=backbone_path, backbone=backbone,
+                          privileged_error_m=privileged_error_m)
+
+    @classmethod
+    def around(cls, policy, *, device: str = "cpu", backbone_path: str | os.PathLike | None = None, backbone=None,
+               privileged_error_m: float = 0.0) -> "VLAAgent":
+        """An agent for a loaded head or pack set: the backbone it was trained on is loaded at the
+        input size its contract names (a given ``backbone`` is checked against it in ``__init__``)."""
+        from m2vla_core.backbone.adapter import FrozenBackbone
+        from m2vla_core.backbone.tiny import default_backbone_path
+
         if backbone is None:
             backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device,
                                                       image_size=policy.config.contract.image_size or None)

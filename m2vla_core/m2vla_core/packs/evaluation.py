@@ -76,24 +76,20 @@ def router_accuracy(policy_path: str | os.PathLike, tasks=None, *, episodes: int
     """
     from tqdm import tqdm
 
-    from m2vla_core.backbone.adapter import FrozenBackbone
-    from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.evaluation.agent import VLAAgent
     from m2vla_core.packs.packed_policy import PackedPolicy
     from m2vla_core.sim import TaskEnv
     from m2vla_core.sim.tasks import task_names
 
-    policy = PackedPolicy.load(policy_path, backend="torch")
-    backbone = backbone or FrozenBackbone.from_pretrained(default_backbone_path(),
-                                                          image_size=policy.config.contract.image_size or None)
-    sim = VLAAgent(backbone, policy).sim_config()  # checks the packs' backbone and contract, as a rollout would
+    agent = VLAAgent.around(PackedPolicy.load(policy_path, backend="torch"), backbone=backbone)
+    policy, backbone = agent.policy, agent.backbone
     covered = [t for info in policy.pack_infos.values() for t in info.tasks]
     tasks = list(tasks or covered)
     per_task: dict[str, dict] = {}
     confusion: dict[str, dict[str, int]] = {}
     latencies = []
     bar = tqdm(total=len(tasks) * episodes, unit="ep", desc="route", disable=not progress, dynamic_ncols=True)
-    with TaskEnv(sim) as env:
+    with TaskEnv(agent.sim_config()) as env:
         for task in tasks:
             want = policy.pack_for_task(task)
             right = routed_right = refused = 0
