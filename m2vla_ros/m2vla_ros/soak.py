@@ -209,7 +209,7 @@ def _log_exceptions(log_dir: Path) -> dict[str, int]:
 
 
 def _start_failure(nodes, driver, timeout_s: float, log_dir: Path) -> str:
-    """Why the graph is not up; the live nodes' Python and native stacks go beside their logs."""
+    """Why the graph is not up; the live nodes' Python and native stacks go beside their logs in ``log_dir``."""
     from m2vla_ros import node_process
 
     node_process.request_stack_dumps([r.process for r in nodes.running])  # where a live node is stuck
@@ -222,7 +222,7 @@ def _start_failure(nodes, driver, timeout_s: float, log_dir: Path) -> str:
         controller = "yes" if driver.controller_status else "none"
     return (f"the graph did not come up in {timeout_s:.0f} s (dead: {nodes.dead()}; policy: "
             f"{status.message if status else 'no status'}; perception: {perception}; controller status: "
-            f"{controller}); logs in {log_dir}")
+            f"{controller})")
 
 
 def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
@@ -270,14 +270,14 @@ def soak(opts: argparse.Namespace, launch_args: dict[str, str]) -> dict:
                 break
             failure = _start_failure(nodes, driver, opts.ready_timeout_s, log_dir)
             if attempt == opts.start_attempts:
-                raise RuntimeError(failure)
+                raise RuntimeError(f"{failure}; logs in {log_dir}")
             # Seen in CI (2026-11-26): every node idle and healthy, one pair of DDS participants
             # never exchanging samples for 240 s. The evidence is kept and the graph started afresh.
             nodes.stop()
             kept = log_dir.with_name(f"{log_dir.name}.failed_start_{attempt}")
             shutil.rmtree(kept, ignore_errors=True)  # an earlier soak's, in the same --out
             log_dir.rename(kept)
-            report["start_failures"].append(failure.replace(f"logs in {log_dir}", f"logs in {kept}"))
+            report["start_failures"].append(f"{failure}; logs in {kept}")
             driver.forget_graph()
             nodes = Graph(launch_args, env=env, log_dir=log_dir)
         pids = {r.node.name: r.process.pid for r in nodes.running}
