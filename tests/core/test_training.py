@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -191,3 +192,65 @@ def test_cli_resume_reuses_the_runs_own_config(data_dir, tmp_path, capsys):
     assert train_main(["--data", str(data_dir), "--out", out, "--resume", "--no-progress"]) == 0
     assert "trained to step 4" in capsys.readouterr().out
     assert load_head(out).config.arch.mol.mix == "last"
+
+
+# -- auxiliary targets: what a head is taught to predict besides its actions, never reads --------
+@pytest.fixture(scope="module")
+def aux_data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("features_aux") / "data"
+    write_synthetic_dataset(path, contract=CONTRACT, num_episodes=12, episode_len=24, shard_size=100, aux_targets=True)
+    return path
+
+
+def test_aux_targets_round_trip_and_are_required_exactly_when_the_meta_names_them(aux_data_dir, tmp_path):
+    ds = FeatureDataset(aux_data_dir)
+    assert ds.meta.aux_target_names == ("goal_0", "goal_1") and ds.aux_targets.shape == (len(ds), 2)
+    batch = ds.batch([0, 30])
+    assert torch.equal(batch["aux_targets"], ds.aux_targets[[0, 30]])
+    n_layers, tokens, width = CONTRACT.shape
+    sample = (np.ones((n_layers, tokens, width)), np.ones(tokens, bool), np.zeros(8), np.zeros((16, 8)), 0, 0)
+    with FeatureDatasetWriter(tmp_path / "named", _meta(aux_target_names=("x", "y"))) as w:
+        with pytest.raises(DatasetError, match=r"aux_targets missing.*\('x', 'y'\)"):
+            w.add(*sample)
+        with pytest.raises(DatasetError, match="aux_targets contains NaN"):
+            w.add(*sample, aux_targets=[0.1, np.nan])
+        w.add(*sample, aux_targets=[0.1, 0.2])
+    np.testing.assert_allclose(FeatureDataset(tmp_path / "named").aux_targets.numpy(), [[0.1, 0.2]])
+    with FeatureDatasetWriter(tmp_path / "plain", _meta()) as w:
+        with pytest.raises(DatasetError, match="aux_targets given"):
+            w.add(*sample, aux_targets=[0.1, 0.2])
+        w.add(*sample)
+    plain = FeatureDataset(tmp_path / "plain")
+    assert plain.aux_targets is None and "aux_targets" not in plain.batch([0])
+
+
+def test_an_aux_weighted_head_learns_to_predict_the_targets_and_acts_as_before(aux_data_dir, data_dir, tmp_path):
+    run = _run("mol+mlp", steps=60, lr=5e-3)
+    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    result = train(aux_data_dir, tmp_path / "ckpt", run, progress=False, plot=False)
+    (step0, rmse0), (step_n, rmse_n) = result.val_aux_rmse[0], result.val_aux_rmse[-1]
+    assert (step0, step_n) == (0, 60)
+    ds = FeatureDataset(aux_data_dir)
+    spread = float(ds.aux_targets.std(0).mean())
+    assert rmse_n < 0.3 * spread < rmse0, result.val_aux_rmse  # from a guess to well inside the targets' spread
+    head = load_head(tmp_path / "ckpt")
+    assert head.config.aux_target_names == ("goal_0", "goal_1")
+    batch = ds.batch(np.arange(len(ds)))
+    predicted = head.predict_aux(batch["hidden"], batch["mask"], batch["state"])
+    assert float((predicted - batch["aux_targets"]).pow(2).mean().sqrt()) < 0.3 * spread
+    # The deployed interface is unchanged: same inputs, a chunk out, no targets needed.
+    assert head(batch["hidden"][:2], batch["mask"][:2], batch["state"][:2]).shape == (2, 16, 8)
+    with pytest.raises(RuntimeError, match="without auxiliary targets"):
+        train(data_dir, tmp_path / "plain", _run("mol+mlp", steps=1), progress=False, plot=False)
+        load_head(tmp_path / "plain").predict_aux(batch["hidden"][:1], batch["mask"][:1], batch["state"][:1])
+
+
+def test_aux_weight_needs_a_dataset_with_targets_and_a_config_that_agrees(data_dir, tmp_path, capsys):
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "c"), "--config", "mol+mlp",
+                       "--steps", "1", "--aux-weight", "0.5", "--no-progress"]) == 2
+    assert "--object-targets" in capsys.readouterr().err
+    config = small_head_config("mol+mlp")
+    with pytest.raises(ValueError, match="auxiliary targets exactly when"):
+        dataclasses.replace(config, aux_target_names=("x",))
+    with pytest.raises(ValueError, match="aux_weight must be finite"):
+        dataclasses.replace(config.arch, aux_weight=float("nan"))

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from m2vla_core.backbone.cli import FeaturesConfig, build_feature_dataset, features_main, future_chunks
 from m2vla_core.evaluation.ablate import cli_main as ablate_main
@@ -153,6 +154,23 @@ def test_privileged_state_appends_each_episodes_named_objects_recomputed_from_it
     for episode in load_lerobot_episodes(pipeline["data"]):
         truth = get_task(episode.task).make_episode(episode.seed).named_objects_xy()
         rows = state[privileged.episode_index == episode.index, -4:]  # (T, 4)
+        assert len(rows) == len(episode)
+        np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
+
+
+def test_object_targets_store_the_same_positions_beside_an_unchanged_state(pipeline, tmp_path):
+    from m2vla_core.sim.lerobot_io import load_lerobot_episodes
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, get_task
+
+    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8, chunk_len=8, object_targets=True)
+    build_feature_dataset(pipeline["data"], tmp_path / "targets", config, cache_dir=pipeline["cache"], progress=False)
+    plain, targeted = FeatureDataset(pipeline["features"]), FeatureDataset(tmp_path / "targets")
+    assert targeted.meta.aux_target_names == NAMED_OBJECT_XY_NAMES
+    assert targeted.meta.state_names == plain.meta.state_names  # the head reads what it always read
+    assert torch.equal(targeted.state, plain.state)
+    for episode in load_lerobot_episodes(pipeline["data"]):
+        truth = get_task(episode.task).make_episode(episode.seed).named_objects_xy()
+        rows = targeted.aux_targets[targeted.episode_index == episode.index].numpy()  # (T, 4)
         assert len(rows) == len(episode)
         np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
 

@@ -9,6 +9,10 @@ nothing twice.
 
 The contract (layers, image / text token counts) is fixed here: a head trained on the
 dataset reads exactly what was computed, and perception serves the same contract later.
+
+``--object-targets`` stores each sample's named-object positions as auxiliary targets (what
+``m2vla train`` with ``aux_weight`` teaches the head to predict); ``--privileged-state`` puts
+the same positions in the state instead (a diagnostic head that reads the truth).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class FeaturesConfig:
     batch_size: int = 16
     max_episodes: int = 0  # 0 = all episodes
     privileged_state: bool = False  # append each episode's named-object positions to the state (a diagnostic)
+    object_targets: bool = False  # store them as auxiliary training targets (sim recordings only)
     image_size: int = 0  # [px] square frame the backbone sees (Qwen2-VL family); 0 = the backbone's default
 
     def __post_init__(self) -> None:
@@ -76,7 +81,7 @@ def future_chunks(actions: np.ndarray, chunk_len: int) -> np.ndarray:
     return actions[idx]  # (T, H, A)
 
 
-def privileged_columns(episode) -> np.ndarray:
+def named_object_columns(episode) -> np.ndarray:
     """(T, 4) ``EpisodeSpec.named_objects_xy`` of a recorded episode, recomputed from its task and seed.
 
     Only ``m2vla record`` episodes carry both; the instruction must match the one the seed gives
@@ -85,8 +90,8 @@ def privileged_columns(episode) -> np.ndarray:
     from m2vla_core.sim.tasks import get_task
 
     if not episode.task or episode.seed is None:
-        raise ValueError(f"episode {episode.index}: no m2vla_task / seed in meta/episodes.jsonl; privileged state "
-                         "needs episodes recorded by `m2vla record`")
+        raise ValueError(f"episode {episode.index}: no m2vla_task / seed in meta/episodes.jsonl; object positions "
+                         "(--privileged-state, --object-targets) need episodes recorded by `m2vla record`")
     spec = get_task(episode.task).make_episode(int(episode.seed))
     if spec.instruction != episode.instruction:
         raise ValueError(f"episode {episode.index}: {episode.task} seed {episode.seed} now gives the instruction "
@@ -109,7 +114,7 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.instructions import clean_instruction
     from m2vla_core.sim.lerobot_io import _read_jsonl, load_info, load_lerobot_episodes
-    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, task_names
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, PRIVILEGED_STATE_NAMES, task_names
     from m2vla_core.training.feature_dataset import FeatureDatasetMeta, FeatureDatasetWriter
 
     config = config or FeaturesConfig()
@@ -149,7 +154,8 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                               backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
                               hidden_dtype=config.hidden_dtype, state_names=(*state_names, *extra_state),
                               action_names=action_names if len(action_names) == action_dim else (),
-                              task_names=tuple(tasks))
+                              task_names=tuple(tasks),
+                              aux_target_names=NAMED_OBJECT_XY_NAMES if config.object_targets else ())
     writer = FeatureDatasetWriter(out_dir, meta, append=append)
     # Episode indices restart at 0 in every recorded dataset: appended ones are shifted past the
     # existing ones, or the episode split and the skill memory's same-episode exclusion would
@@ -190,9 +196,11 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                     extra_tasks.append(task)
                 task_index = len(tasks) + extra_tasks.index(task)
             n = len(ep)
-            states = np.hstack([ep.states, privileged_columns(ep)]) if extra_state else ep.states  # (T, S)
+            positions = named_object_columns(ep) if extra_state or config.object_targets else None  # (T, 4)
+            states = np.hstack([ep.states, positions]) if extra_state else ep.states  # (T, S)
             writer.add(hidden, mask, states, future_chunks(ep.actions, config.chunk_len),
-                       np.full(n, index + episode_offset, dtype=np.int64), np.full(n, task_index, dtype=np.int64))
+                       np.full(n, index + episode_offset, dtype=np.int64), np.full(n, task_index, dtype=np.int64),
+                       aux_targets=positions if config.object_targets else None)
             summary["episodes"] += 1
             summary["samples"] += n
             bar.update(1)
@@ -233,6 +241,9 @@ def features_main(argv: list[str]) -> int:
                         "carries it, so eval and the perception node load the backbone at the same size")
     p.add_argument("--privileged-state", action="store_true",
                    help="append the named objects' true x, y to the state: a diagnostic head for m2vla eval only")
+    p.add_argument("--object-targets", action="store_true",
+                   help="store the named objects' true x, y as auxiliary targets, for a head trained with "
+                        "aux_weight > 0 (`m2vla train --aux-weight`); the head never reads them")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -243,7 +254,8 @@ def features_main(argv: list[str]) -> int:
         config = FeaturesConfig(layers=_parse_layers(args.layers), num_image_tokens=args.image_tokens,
                                 num_text_tokens=args.text_tokens, chunk_len=args.chunk_len,
                                 hidden_dtype=args.hidden_dtype, max_episodes=args.max_episodes,
-                                privileged_state=args.privileged_state, image_size=args.image_size)
+                                privileged_state=args.privileged_state, object_targets=args.object_targets,
+                                image_size=args.image_size)
         summary = build_feature_dataset(args.data, args.out, config, backbone_path=args.backbone or None,
                                         cache_dir=args.cache or None, names=names, progress=not args.no_progress,
                                         append=args.append)

@@ -5,6 +5,7 @@ architecture. Saved as the checkpoint's ``config.json`` and checked at every loa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from m2vla_core.features import FeatureContract
@@ -38,10 +39,16 @@ class HeadArchConfig:
     mlp: MLPHeadConfig = field(default_factory=MLPHeadConfig)
     msm: MSMConfig = field(default_factory=MSMConfig)
     skills: SkillsConfig = field(default_factory=SkillsConfig)
+    # Weight of an auxiliary loss: predict the dataset's aux targets (the named objects' x, y) from
+    # the MoL latent. The action loss alone never made the latent say where the cube is; this
+    # supervises it directly. 0 = off. Training only: the deployed head reads and emits the same.
+    aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
             raise ValueError(f"HeadArchConfig.d_model must be >= 1, got {self.d_model}")
+        if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
+            raise ValueError(f"HeadArchConfig.aux_weight must be finite and >= 0, got {self.aux_weight}")
         if self.action_head not in ACTION_HEADS:
             raise ValueError(f"HeadArchConfig.action_head must be one of {ACTION_HEADS}, got {self.action_head!r}")
         for name, heads in (("mol", self.mol.num_heads), ("msm", self.msm.num_heads)):
@@ -62,6 +69,7 @@ class HeadConfig:
     arch: HeadArchConfig = field(default_factory=HeadArchConfig)
     state_names: tuple[str, ...] = ()  # optional joint names, len == state_dim
     action_names: tuple[str, ...] = ()  # optional, len == action_dim
+    aux_target_names: tuple[str, ...] = ()  # what the auxiliary predictor emits; set iff arch.aux_weight > 0
     format_version: int = HEAD_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +89,9 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.state_names has {len(self.state_names)} names, state_dim={self.state_dim}")
         if self.action_names and len(self.action_names) != self.action_dim:
             raise ValueError(f"HeadConfig.action_names has {len(self.action_names)} names, action_dim={self.action_dim}")
+        if bool(self.aux_target_names) != (self.arch.aux_weight > 0):
+            raise ValueError(f"HeadConfig.aux_target_names {self.aux_target_names} and arch.aux_weight "
+                             f"{self.arch.aux_weight}: a head has auxiliary targets exactly when it weighs their loss")
         if self.format_version != HEAD_FORMAT_VERSION:
             raise ValueError(f"HeadConfig.format_version {self.format_version} unsupported (this code reads {HEAD_FORMAT_VERSION})")
         layers = self.contract.layers

@@ -3,6 +3,10 @@
 MoL -> latent -> action head ("mlp" | "msm" | "skills"). Normalisation lives inside the
 module (buffers saved in model.safetensors), so ``forward`` takes and returns physical units
 and the exported ONNX graph needs no side files; training uses ``forward_normalized``.
+
+A head trained with an auxiliary loss (``arch.aux_weight``) also has ``aux_predictor``: from
+the same latent, the named objects' positions. ``forward`` does not use it (nor does the ONNX
+graph); training and diagnostics (``predict_aux``) do.
 """
 
 from __future__ import annotations
@@ -58,6 +62,32 @@ class Normalizer(nn.Module):
         return action_n * self.action_std + self.action_mean
 
 
+class AuxTargetPredictor(nn.Module):
+    """latent (B, Q * d) -> auxiliary targets (B, K), normalised by the training split's statistics."""
+
+    def __init__(self, latent_dim: int, hidden: int, num_targets: int) -> None:
+        super().__init__()
+        self.net = mlp(latent_dim, hidden, num_targets, num_layers=2)
+        self.register_buffer("target_mean", torch.zeros(num_targets))
+        self.register_buffer("target_std", torch.ones(num_targets))
+
+    def set_stats(self, mean: Any, std: Any) -> None:
+        for name, value in (("target_mean", mean), ("target_std", std)):
+            t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+            if t.shape != getattr(self, name).shape or not torch.isfinite(t).all():
+                raise ValueError(f"auxiliary {name}: expected finite {tuple(getattr(self, name).shape)}, got {tuple(t.shape)}")
+            if name == "target_std":
+                t = torch.where(t < STD_FLOOR, torch.ones_like(t), t)
+            getattr(self, name).copy_(t)
+
+    def normalize(self, targets: torch.Tensor) -> torch.Tensor:
+        return (targets - self.target_mean) / self.target_std
+
+    def forward(self, latent_flat: torch.Tensor) -> torch.Tensor:
+        """Normalised prediction (B, K)."""
+        return self.net(latent_flat)
+
+
 class PolicyHead(nn.Module):
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -77,6 +107,8 @@ class PolicyHead(nn.Module):
         else:
             self.action_head = MetaSkillModule(arch.msm, d_model=d, state_dim=s, chunk_len=h, action_dim=a,
                                                key_dim=contract.width + s)
+        self.aux_predictor = (AuxTargetPredictor(latent_dim, arch.mlp.hidden, len(config.aux_target_names))
+                              if config.aux_target_names else None)
 
     # -- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> None:
@@ -97,9 +129,28 @@ class PolicyHead(nn.Module):
     def forward_normalized(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
                            exclude_episode: torch.Tensor | None = None) -> torch.Tensor:
         """Chunk in normalised units (B, H, A); ``exclude_episode`` (B,) is for MSM training only."""
+        return self.forward_training(features, mask, state, exclude_episode, with_aux=False)[0]
+
+    def forward_training(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
+                         exclude_episode: torch.Tensor | None = None, *,
+                         with_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(chunk (B, H, A), auxiliary prediction (B, K) or None), both normalised, from one MoL pass."""
         self.check_inputs(features, mask, state)
         state_n = self.normalizer.normalize_state(state)
         latent, _ = self.mol(features, mask, state_n)  # (B, Q, d)
+        aux = self.aux_predictor(latent.flatten(1)) if with_aux and self.aux_predictor is not None else None
+        return self._decode(features, mask, state_n, latent, exclude_episode), aux
+
+    @torch.no_grad()
+    def predict_aux(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The auxiliary targets (B, K) in their own units (e.g. metres), for diagnostics."""
+        if self.aux_predictor is None:
+            raise RuntimeError("this head was trained without auxiliary targets (arch.aux_weight = 0)")
+        _, aux_n = self.forward_training(features, mask, state)
+        return aux_n * self.aux_predictor.target_std + self.aux_predictor.target_mean
+
+    def _decode(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor, latent: torch.Tensor,
+                exclude_episode: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.action_head, MetaSkillModule):
             key = self.retrieval_key(features, mask, state_n)
             return self.action_head(latent, state_n, key, exclude_episode)

@@ -58,7 +58,8 @@ def filter_feature_dataset(source: str | os.PathLike | FeatureDataset, out_dir: 
         for start in range(0, len(keep), shard_size):
             idx = torch.as_tensor(keep[start:start + shard_size])
             writer.add(ds.hidden[idx], ds.mask[idx], ds.state[idx], ds.actions[idx],
-                       ds.episode_index[idx.numpy()], ds.task_index[idx.numpy()])
+                       ds.episode_index[idx.numpy()], ds.task_index[idx.numpy()],
+                       aux_targets=None if ds.aux_targets is None else ds.aux_targets[idx])
     (out / FILTER_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return FeatureDataset(out)
 

@@ -76,11 +76,14 @@ class EpisodeSpec:
         return np.array([*cube, *target], dtype=np.float64)
 
 
+# The entries of ``EpisodeSpec.named_objects_xy``. As training targets (``m2vla features
+# --object-targets``) a head learns to predict them from its features; it never reads them.
+NAMED_OBJECT_XY_NAMES = ("cube_x", "cube_y", "target_x", "target_y")
 # State entries a diagnostic head may read on top of the joints: the named objects' positions
 # from the simulator (``EpisodeSpec.named_objects_xy``). A head trained with them shows what the
 # policy could do if perception located the objects perfectly; no robot has them, and the ROS
 # policy node refuses such a head.
-PRIVILEGED_STATE_NAMES = ("privileged_cube_x", "privileged_cube_y", "privileged_target_x", "privileged_target_y")
+PRIVILEGED_STATE_NAMES = tuple(f"privileged_{name}" for name in NAMED_OBJECT_XY_NAMES)
 
 
 def reads_privileged_state(state_names) -> bool:

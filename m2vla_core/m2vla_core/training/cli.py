@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="total optimisation steps (overrides the config)")
     p.add_argument("--batch-size", type=int, help="overrides the config")
     p.add_argument("--seed", type=int, help="overrides the config")
+    p.add_argument("--aux-weight", type=float,
+                   help="weight of the auxiliary object-position loss (arch.aux_weight; needs a dataset from "
+                        "`m2vla features --object-targets`); overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -55,6 +58,8 @@ def train_main(argv: list[str]) -> int:
                      if v is not None}
         if overrides:
             run = replace(run, train=replace(run.train, **overrides))
+        if args.aux_weight is not None:
+            run = replace(run, arch=replace(run.arch, aux_weight=args.aux_weight))
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
                        stop_after=args.stop_after)
     except (ConfigError, CheckpointError, DatasetError, ValueError) as exc:
@@ -63,5 +68,7 @@ def train_main(argv: list[str]) -> int:
     last_val = f"{result.val_loss[-1][1]:.5f}" if result.val_loss else "n/a (single-episode dataset)"
     print(f"trained to step {result.step} in {result.seconds:.1f} s; final train loss "
           f"{result.train_loss[-1][1] if result.train_loss else float('nan'):.5f}, val loss {last_val}")
+    if result.val_aux_rmse:
+        print(f"auxiliary targets: validation RMS error {result.val_aux_rmse[-1][1]:.4f} (their units, e.g. m)")
     print(f"checkpoint: {result.out_dir}")
     return 0

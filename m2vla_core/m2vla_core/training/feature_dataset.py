@@ -6,11 +6,15 @@ A dataset is a directory::
                                  backbone id + digest, counts, shard list)
     shard-00000.safetensors      hidden (N, n_layers, T, D) float16|float32, mask (N, T) bool,
     shard-00001.safetensors      state (N, S), actions (N, H, A) float32,
-    ...                          episode_index (N,), task_index (N,) int64
+    ...                          episode_index (N,), task_index (N,) int64,
+                                 aux_targets (N, K) float32 when meta.aux_target_names is set
 
 Only shards listed in meta.json exist as far as readers are concerned; both are written to a
 temporary name and renamed, so a crash never leaves a half-written dataset that reads as
 valid. Reading parses JSON + safetensors only (never pickle).
+
+``aux_targets`` are quantities a head may be taught to predict besides its actions (the named
+objects' positions, ``m2vla features --object-targets``); a head never reads them as input.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from m2vla_core.heads.configuration_head import ACTION_SPACES, EEF_ACTION_DIM, H
 
 META_NAME = "meta.json"
 FIELDS = ("hidden", "mask", "state", "actions", "episode_index", "task_index")
+AUX_FIELD = "aux_targets"  # only in datasets whose meta names auxiliary targets
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 DATASET_FORMAT_VERSION = 1
 
@@ -54,6 +59,7 @@ class FeatureDatasetMeta:
     state_names: tuple[str, ...] = ()
     action_names: tuple[str, ...] = ()
     task_names: tuple[str, ...] = ()  # task_index -> name, optional
+    aux_target_names: tuple[str, ...] = ()  # columns of aux_targets; () = the dataset has none
     num_episodes: int = 0  # filled by the writer
     num_samples: int = 0
     shards: tuple[str, ...] = ()
@@ -75,26 +81,43 @@ class FeatureDatasetMeta:
             raise ValueError(f"FeatureDatasetMeta counts must be >= 0, got {self.num_episodes}/{self.num_samples}")
         if self.format_version != DATASET_FORMAT_VERSION:
             raise ValueError(f"FeatureDatasetMeta.format_version {self.format_version} unsupported")
+        if len(set(self.aux_target_names)) != len(self.aux_target_names):
+            raise ValueError(f"FeatureDatasetMeta.aux_target_names repeats a name: {self.aux_target_names}")
 
     def head_config(self, arch: HeadArchConfig) -> HeadConfig:
-        """The HeadConfig of a head trained on this dataset with architecture ``arch``."""
+        """The HeadConfig of a head trained on this dataset with architecture ``arch``.
+
+        An architecture with an auxiliary loss predicts this dataset's aux targets; it needs some.
+        """
+        if arch.aux_weight > 0 and not self.aux_target_names:
+            raise DatasetError("arch.aux_weight > 0 needs a dataset with auxiliary targets "
+                               "(`m2vla features --object-targets`); this one has none")
         return HeadConfig(contract=self.contract, state_dim=self.state_dim, action_space=self.action_space,
                           action_dim=self.action_dim, chunk_len=self.chunk_len, dt_s=self.dt_s,
                           backbone_id=self.backbone_id, backbone_digest=self.backbone_digest, arch=arch,
-                          state_names=self.state_names, action_names=self.action_names)
+                          state_names=self.state_names, action_names=self.action_names,
+                          aux_target_names=self.aux_target_names if arch.aux_weight > 0 else ())
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields every shard holds."""
+        return (*FIELDS, AUX_FIELD) if self.aux_target_names else FIELDS
 
     def field_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of each stored field."""
-        return {"hidden": self.contract.shape, "mask": (self.contract.num_tokens,), "state": (self.state_dim,),
-                "actions": (self.chunk_len, self.action_dim), "episode_index": (), "task_index": ()}
+        shapes = {"hidden": self.contract.shape, "mask": (self.contract.num_tokens,), "state": (self.state_dim,),
+                  "actions": (self.chunk_len, self.action_dim), "episode_index": (), "task_index": ()}
+        if self.aux_target_names:
+            shapes[AUX_FIELD] = (len(self.aux_target_names),)
+        return shapes
 
 
 class FeatureDatasetWriter:
     """Append samples (one or a batch) and write safetensors shards + meta.json atomically.
 
     ``FeatureDatasetWriter(path, meta).add(hidden, mask, state, actions, episode_index, task_index)``
-    then ``.close()`` (or use it as a context manager). ``append=True`` continues an existing
-    dataset whose meta matches.
+    (plus ``aux_targets=`` when the meta names some) then ``.close()`` (or use it as a context
+    manager). ``append=True`` continues an existing dataset whose meta matches.
     """
 
     def __init__(self, path: str | os.PathLike, meta: FeatureDatasetMeta, *, shard_size: int = 2048,
@@ -120,7 +143,7 @@ class FeatureDatasetWriter:
         else:
             self.meta = replace(meta, num_episodes=0, num_samples=0, shards=())
         self._shapes = self.meta.field_shapes()
-        self._pending: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
+        self._pending: dict[str, list[torch.Tensor]] = {k: [] for k in self.meta.fields}
         self._pending_n = 0
         self._closed = False
 
@@ -129,12 +152,18 @@ class FeatureDatasetWriter:
         """One past the largest episode index written so far (0 for a new dataset)."""
         return max(self._episodes) + 1 if self._episodes else 0
 
-    def add(self, hidden: Any, mask: Any, state: Any, actions: Any, episode_index: Any, task_index: Any) -> None:
+    def add(self, hidden: Any, mask: Any, state: Any, actions: Any, episode_index: Any, task_index: Any,
+            aux_targets: Any = None) -> None:
         """One sample (hidden (n_layers, T, D), ...) or a batch (hidden (N, n_layers, T, D), ...)."""
         if self._closed:
             raise DatasetError("writer is closed")
+        if (aux_targets is None) == bool(self.meta.aux_target_names):
+            raise DatasetError(f"add(): aux_targets {'missing' if aux_targets is None else 'given'}; the meta names "
+                               f"{len(self.meta.aux_target_names)} auxiliary targets {self.meta.aux_target_names}")
         values = dict(hidden=hidden, mask=mask, state=state, actions=actions, episode_index=episode_index,
                       task_index=task_index)
+        if aux_targets is not None:
+            values[AUX_FIELD] = aux_targets
         tensors = {k: torch.as_tensor(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)) for k, v in values.items()}
         single = tensors["hidden"].dim() == len(self._shapes["hidden"])
         if single:
@@ -145,12 +174,13 @@ class FeatureDatasetWriter:
                 raise DatasetError(f"add(): {key} shaped {tuple(t.shape)}, expected {(n, *self._shapes[key])} "
                                    f"(meta: contract {self.meta.contract.shape}, S={self.meta.state_dim}, "
                                    f"H={self.meta.chunk_len}, A={self.meta.action_dim})")
-        for key in ("hidden", "state", "actions"):
+        floats = [k for k in ("state", "actions", AUX_FIELD) if k in tensors]
+        for key in ("hidden", *floats):
             if not torch.isfinite(tensors[key].float()).all():
                 raise DatasetError(f"add(): {key} contains NaN or inf")
         self._pending["hidden"].append(tensors["hidden"].to(HIDDEN_DTYPES[self.meta.hidden_dtype]))
         self._pending["mask"].append(tensors["mask"].to(torch.bool))
-        for key in ("state", "actions"):
+        for key in floats:
             self._pending[key].append(tensors[key].to(torch.float32))
         for key in ("episode_index", "task_index"):
             self._pending[key].append(tensors[key].to(torch.int64))
@@ -171,7 +201,7 @@ class FeatureDatasetWriter:
         self.meta = replace(self.meta, shards=(*self.meta.shards, shard), num_samples=self.meta.num_samples + self._pending_n,
                             num_episodes=len(self._episodes))
         save_json(self.meta, self.path / META_NAME)
-        self._pending = {k: [] for k in FIELDS}
+        self._pending = {k: [] for k in self.meta.fields}
         self._pending_n = 0
 
     def close(self) -> FeatureDatasetMeta:
@@ -201,7 +231,7 @@ class FeatureDataset:
             raise DatasetError(f"{meta_path}: {exc}") from exc
         if not load:
             return
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.meta.fields}
         shapes = self.meta.field_shapes()
         for shard in self.meta.shards:
             shard_path = self.path / shard
@@ -213,7 +243,7 @@ class FeatureDataset:
             except CheckpointError as exc:
                 raise DatasetError(str(exc)) from exc
             n = tensors["hidden"].shape[0] if "hidden" in tensors else -1
-            for key in FIELDS:
+            for key in self.meta.fields:
                 if key not in tensors or tuple(tensors[key].shape) != (n, *shapes[key]):
                     raise DatasetError(f"{shard_path}: field {key!r} missing or not shaped (N, {shapes[key]})")
                 parts[key].append(tensors[key])
@@ -226,6 +256,7 @@ class FeatureDataset:
         self.actions = data["actions"]
         self.episode_index = data["episode_index"].numpy()
         self.task_index = data["task_index"].numpy()
+        self.aux_targets: torch.Tensor | None = data.get(AUX_FIELD)  # (N, K) or None
 
     def __len__(self) -> int:
         return len(self.episode_index)
@@ -233,9 +264,12 @@ class FeatureDataset:
     def batch(self, idx: Any) -> dict[str, torch.Tensor]:
         """Samples ``idx`` as float32 / bool / int64 tensors ready for the head."""
         idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.int64)
-        return {"hidden": self.hidden[idx_t].float(), "mask": self.mask[idx_t], "state": self.state[idx_t],
-                "actions": self.actions[idx_t], "episode_index": torch.as_tensor(self.episode_index)[idx_t],
-                "task_index": torch.as_tensor(self.task_index)[idx_t]}
+        batch = {"hidden": self.hidden[idx_t].float(), "mask": self.mask[idx_t], "state": self.state[idx_t],
+                 "actions": self.actions[idx_t], "episode_index": torch.as_tensor(self.episode_index)[idx_t],
+                 "task_index": torch.as_tensor(self.task_index)[idx_t]}
+        if self.aux_targets is not None:
+            batch[AUX_FIELD] = self.aux_targets[idx_t]
+        return batch
 
     def split_by_episode(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) sample indices; whole episodes go to one side. At least one episode

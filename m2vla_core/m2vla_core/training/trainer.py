@@ -9,6 +9,11 @@ uninterrupted run would (the optimizer state is saved too, in safetensors).
 Output directory: config.json + model.safetensors (the head, loadable by ``load_head``),
 train_state.safetensors (optimizer moments + step), train.json (run config + history),
 loss_curves.png.
+
+With ``arch.aux_weight > 0`` the loss adds that weight times the MSE of the auxiliary
+prediction (normalised targets, e.g. the named objects' x, y); ``history["train"]`` and
+``history["val"]`` stay the action loss alone, so runs with and without it compare, and
+``history["val_aux_rmse"]`` is the validation error of the prediction in the targets' units.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensor
 from m2vla_core.heads.configuration_head import HeadArchConfig
 from m2vla_core.heads.factory import DEFAULT_PRESET, get_preset
 from m2vla_core.heads.policy_head import PolicyHead
-from m2vla_core.training.feature_dataset import FeatureDataset
+from m2vla_core.training.feature_dataset import AUX_FIELD, FeatureDataset
 from m2vla_core.training.normalization import dataset_stats
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,7 @@ class TrainResult:
     train_loss: list[tuple[int, float]]
     val_loss: list[tuple[int, float]]
     seconds: float
+    val_aux_rmse: list[tuple[int, float]] = field(default_factory=list)  # [target units] with arch.aux_weight > 0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -117,25 +123,50 @@ def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig) -> np.nda
     return train_idx[picks]
 
 
-def _loss(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> torch.Tensor:
+def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(action loss, auxiliary loss or None): normalised MSEs."""
     target = head.normalizer.normalize_action(batch["actions"])  # (B, H, A)
     exclude_ep = batch["episode_index"] if exclude and head.uses_memory else None
-    pred = head.forward_normalized(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
-    return torch.nn.functional.mse_loss(pred, target)
+    pred, aux = head.forward_training(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
+    action_loss = torch.nn.functional.mse_loss(pred, target)
+    if aux is None:
+        return action_loss, None
+    return action_loss, torch.nn.functional.mse_loss(aux, head.aux_predictor.normalize(batch[AUX_FIELD]))
 
 
 @torch.no_grad()
 def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray, batch_size: int = 256) -> float:
-    """Mean normalised MSE over (up to the first ``len(val_idx)``) validation samples."""
+    """Mean normalised action MSE over (up to the first ``len(val_idx)``) validation samples."""
+    return validation_losses(head, dataset, val_idx, batch_size)[0]
+
+
+@torch.no_grad()
+def validation_losses(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray,
+                      batch_size: int = 256) -> tuple[float, float | None]:
+    """(mean normalised action MSE, RMS error of the auxiliary prediction in the targets' units or None)."""
     was_training = head.training
     head.eval()
-    total, count = 0.0, 0
+    total, aux_sq, count = 0.0, 0.0, 0
     for start in range(0, len(val_idx), batch_size):
         idx = val_idx[start:start + batch_size]
-        total += float(_loss(head, dataset.batch(idx), exclude=False)) * len(idx)
+        batch = dataset.batch(idx)
+        action_loss, aux_loss = _losses(head, batch, exclude=False)
+        total += float(action_loss) * len(idx)
+        if aux_loss is not None:  # back to the targets' units: the per-target std undoes the normalisation
+            err = head.predict_aux(batch["hidden"], batch["mask"], batch["state"]) - batch[AUX_FIELD]
+            aux_sq += float(err.pow(2).mean()) * len(idx)
         count += len(idx)
     head.train(was_training)
-    return total / max(count, 1)
+    count = max(count, 1)
+    return total / count, (math.sqrt(aux_sq / count) if head.aux_predictor is not None else None)
+
+
+def set_aux_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.ndarray) -> None:
+    """Normalise the auxiliary targets by the training split's mean and std (no-op without them)."""
+    if head.aux_predictor is None:
+        return
+    targets = dataset.aux_targets[torch.as_tensor(train_idx)].double()  # (N, K)
+    head.aux_predictor.set_stats(targets.mean(0).float().numpy(), targets.std(0, unbiased=False).float().numpy())
 
 
 def _optimizer(head: PolicyHead, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -220,6 +251,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         out.mkdir(parents=True, exist_ok=True)
         head = PolicyHead(dataset.meta.head_config(run.arch))
         dataset_stats(dataset, train_idx).apply_to(head)
+        set_aux_stats(head, dataset, train_idx)
         if head.uses_memory:
             kept = head.build_memory(dataset, train_idx)
             log.info("skill memory: %d entries from %d training samples", kept, len(train_idx))
@@ -227,8 +259,15 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         optimizer = _optimizer(head, cfg)
         start = 0
     t0 = time.perf_counter()
+
+    def validate(step: int) -> None:
+        val, aux_rmse = validation_losses(head, dataset, val_idx)
+        history["val"].append((step, val))
+        if aux_rmse is not None:
+            history.setdefault("val_aux_rmse", []).append((step, aux_rmse))
+
     if start == 0 and len(val_idx) and not history["val"]:
-        history["val"].append((0, validation_loss(head, dataset, val_idx)))  # the untrained baseline
+        validate(0)  # the untrained baseline
     bar = None
     if progress:
         from tqdm import tqdm
@@ -238,21 +277,24 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = _loss(head, dataset.batch(_batch_indices(train_idx, step, cfg)),
-                     exclude=run.arch.msm.exclude_same_episode)
+        action_loss, aux_loss = _losses(head, dataset.batch(_batch_indices(train_idx, step, cfg)),
+                                        exclude=run.arch.msm.exclude_same_episode)
+        loss = action_loss if aux_loss is None else action_loss + run.arch.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        history["train"].append((done, loss.item()))
+        history["train"].append((done, action_loss.item()))
         if len(val_idx) and (done % cfg.val_every == 0 or done == cfg.steps):
-            history["val"].append((done, validation_loss(head, dataset, val_idx)))
+            validate(done)
         if bar is not None:
             bar.update(1)
-            post = {"loss": f"{loss.item():.4f}"}
+            post = {"loss": f"{action_loss.item():.4f}"}
             if history["val"]:
                 post["val"] = f"{history['val'][-1][1]:.4f}"
+            if history.get("val_aux_rmse"):
+                post["aux_rmse"] = f"{history['val_aux_rmse'][-1][1]:.4f}"
             bar.set_postfix(post, refresh=False)
         if done % cfg.ckpt_every == 0 and done != end:
             _save_all(head, optimizer, done, out, run, data_dir, history, plot=False)
@@ -261,4 +303,4 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     final = max(end, start)
     _save_all(head, optimizer, final, out, run, data_dir, history, plot=plot)
     return TrainResult(out, final, [tuple(x) for x in history["train"]], [tuple(x) for x in history["val"]],
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, [tuple(x) for x in history.get("val_aux_rmse", [])])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIX_MODES = ("last", "fixed", "uniform", "scalar", "router")
+TOKEN_POS_INITS = ("random", "grid")
 
 
 @dataclass
@@ -19,6 +20,10 @@ class MoLConfig:
     num_queries: int = 8  # learned queries -> compact latent (B, num_queries, d_model)
     num_heads: int = 4
     eps: float = 1e-6  # RMS norm epsilon
+    # How the learned token positions start. random: small noise; grid: the image tokens start at
+    # 2-D sine / cosine codes of their place in the token grid (``image_grid_embedding``), so the
+    # queries' attention can carry where an object is. Training moves them either way.
+    token_pos_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.mix not in MIX_MODES:
@@ -34,5 +39,7 @@ class MoLConfig:
         for name in ("router_hidden", "num_queries", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_pos_init not in TOKEN_POS_INITS:
+            raise ValueError(f"MoLConfig.token_pos_init must be one of {TOKEN_POS_INITS}, got {self.token_pos_init!r}")
         if not self.eps > 0:
             raise ValueError(f"MoLConfig.eps must be > 0, got {self.eps}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from m2vla_core.features import FeatureContract
-from m2vla_core.heads.layers import CrossBlock, masked_mean, mlp, rms_normalize
+from m2vla_core.heads.layers import CrossBlock, image_grid_embedding, masked_mean, mlp, rms_normalize
 from m2vla_core.heads.mol.configuration_mol import MoLConfig
 
 
@@ -32,6 +32,9 @@ class MixtureOfLayers(nn.Module):
             self.router = mlp(contract.width + state_dim, config.router_hidden, self.num_layers)
         self.in_proj = nn.Linear(contract.width, d_model)
         self.token_pos = nn.Parameter(torch.randn(contract.num_tokens, d_model) * 0.02)
+        if config.token_pos_init == "grid":
+            with torch.no_grad():
+                self.token_pos[:contract.num_image_tokens] = image_grid_embedding(contract.num_image_tokens, d_model)
         self.queries = nn.Parameter(torch.randn(config.num_queries, d_model) * 0.02)
         self.block = CrossBlock(d_model, config.num_heads)
 
