@@ -120,3 +120,22 @@ def test_config_refuses_a_fixed_layer_outside_the_contract():
     with pytest.raises(ValueError, match="top_k"):
         MoLConfig(mix="uniform", top_k=2)
     assert isinstance(cfg, HeadConfig)
+
+
+def test_grid_token_positions_code_where_an_image_token_is_and_leave_text_tokens_alone():
+    from m2vla_core.heads.layers import image_grid_embedding
+
+    codes = image_grid_embedding(64, 32)  # an 8 x 8 grid
+    similarity = codes @ codes.T  # (64, 64)
+    assert (codes.std(0) > 0.1).all()  # every code dimension varies over the grid (none aliased to a constant)
+    row = similarity[27]  # token (3, 3)
+    assert row.argmax() == 27  # every token is most like itself ...
+    assert row[28] > row[31] and row[35] > row[59]  # ... and more like a neighbour than a far token, on both axes
+    head = _head("router", token_pos_init="grid")
+    image_tokens = head.config.contract.num_image_tokens
+    np.testing.assert_allclose(head.mol.token_pos[:image_tokens].detach(),
+                               image_grid_embedding(image_tokens, head.config.arch.d_model))
+    assert head.mol.token_pos[image_tokens:].abs().max() < 0.2  # text tokens keep the small random start
+    assert _head("router").mol.token_pos.abs().max() < 0.2  # "random" stays the default
+    with pytest.raises(ValueError, match="token_pos_init"):
+        MoLConfig(token_pos_init="sinusoid")

@@ -71,8 +71,9 @@ def image_grid_embedding(num_image_tokens: int, d_model: int) -> torch.Tensor:
     n_freq = d_model // 4
     if n_freq == 0:
         return torch.zeros(num_image_tokens, d_model)
-    # from one half period over the grid to one period per token
-    freqs = math.pi * torch.logspace(0, math.log2(2 * max(rows, cols)), n_freq, base=2.0)  # (F,)
+    # from half a period over the whole grid to one period per four tokens (at two, the cosine
+    # of every cell centre is 0: the code would alias to a constant)
+    freqs = math.pi * torch.logspace(0, math.log2(max(1.0, max(rows, cols) / 2)), n_freq, base=2.0)  # (F,)
     angles = torch.stack([y.reshape(-1), x.reshape(-1)], -1)[:, :, None] * freqs  # (N, 2, F)
     codes = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(num_image_tokens, 4 * n_freq)  # (N, 4F)
     return torch.nn.functional.pad(codes, (0, d_model - 4 * n_freq))  # (N, d)
