@@ -99,6 +99,7 @@ def test_eval_writes_json_table_chart_and_gif_on_held_out_seeds(pipeline, capsys
     assert set(report["success"]) == {"reach_above"}
     assert report["seeds"]["reach_above"] == [DEFAULT_SEED_OFFSET]  # disjoint from record's seeds 0..
     assert report["act_ms_p50"] > 0 and report["head_us_p50"] > 0
+    assert report["object_error_m_p50"] == {}  # a head without position targets believes nothing to score
     assert (out / "success.png").stat().st_size > 0 and (out / "reach_above.gif").stat().st_size > 0
     assert "reach_above" in capsys.readouterr().out
 
@@ -158,13 +159,17 @@ def test_privileged_state_appends_each_episodes_named_objects_recomputed_from_it
         np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
 
 
+def _object_target_features(pipeline, out):
+    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8, chunk_len=8, object_targets=True)
+    build_feature_dataset(pipeline["data"], out, config, cache_dir=pipeline["cache"], progress=False)
+    return FeatureDataset(out)
+
+
 def test_object_targets_store_the_same_positions_beside_an_unchanged_state(pipeline, tmp_path):
     from m2vla_core.sim.lerobot_io import load_lerobot_episodes
     from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, get_task
 
-    config = FeaturesConfig(layers=(2, 4, 6), num_image_tokens=16, num_text_tokens=8, chunk_len=8, object_targets=True)
-    build_feature_dataset(pipeline["data"], tmp_path / "targets", config, cache_dir=pipeline["cache"], progress=False)
-    plain, targeted = FeatureDataset(pipeline["features"]), FeatureDataset(tmp_path / "targets")
+    plain, targeted = FeatureDataset(pipeline["features"]), _object_target_features(pipeline, tmp_path / "targets")
     assert targeted.meta.aux_target_names == NAMED_OBJECT_XY_NAMES
     assert targeted.meta.state_names == plain.meta.state_names  # the head reads what it always read
     assert torch.equal(targeted.state, plain.state)
@@ -173,6 +178,24 @@ def test_object_targets_store_the_same_positions_beside_an_unchanged_state(pipel
         rows = targeted.aux_targets[targeted.episode_index == episode.index].numpy()  # (T, 4)
         assert len(rows) == len(episode)
         np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
+
+
+def test_eval_scores_where_a_position_trained_head_believes_the_objects_are(pipeline, tmp_path):
+    from m2vla_core.export.cli import export_main
+
+    _object_target_features(pipeline, tmp_path / "targets")
+    ckpt, json_path = tmp_path / "ckpt", tmp_path / "eval.json"
+    assert train_main(["--data", str(tmp_path / "targets"), "--out", str(ckpt), "--config", "mol+mlp", "--steps", "20",
+                       "--batch-size", "16", "--aux-weight", "1", "--no-progress"]) == 0
+    assert export_main([str(ckpt)]) == 0
+    assert eval_main(["--policy", str(ckpt), "--episodes", "2", "--tasks", "reach_above", "--max-steps", "4",
+                      "--json", str(json_path), "--no-progress"]) == 0
+    report = json.loads(json_path.read_text())
+    errors = report["object_error_m_p50"]
+    assert set(errors) == {"cube_first_act", "cube_all_acts", "target_all_acts"}
+    assert all(0.0 < e < 1.0 for e in errors.values()), errors  # metres on a table, never exactly right
+    first_acts = [ep["object_error_m_first_act"][0] for ep in report["episodes"]["reach_above"]]
+    assert errors["cube_first_act"] == pytest.approx(float(np.median(first_acts)))
 
 
 def test_privileged_state_refuses_a_recording_whose_seed_now_gives_another_layout(pipeline, tmp_path):

@@ -7,7 +7,9 @@ So a success rate measured here is the success rate of the shipped nodes' model 
 
 A diagnostic head trained with ``m2vla features --privileged-state`` also reads the named
 objects' true positions (``Observation.named_objects_xy``), optionally moved by a fixed error
-to ask how precise perception would have to be.
+to ask how precise perception would have to be. A head trained to predict them
+(``--object-targets``) is asked at every act where it believes they are
+(``object_errors_m``): in closed loop, on layouts it never saw.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
+
+
+def object_position_head(checkpoint: str | os.PathLike, config):
+    """The torch head of a checkpoint whose auxiliary targets are the named objects' x, y, else None.
+
+    The ONNX graph holds only the action path; the position predictor is in the safetensors.
+    """
+    from m2vla_core.heads.checkpoint import load_head
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES
+
+    if tuple(config.aux_target_names) != NAMED_OBJECT_XY_NAMES:
+        return None
+    return load_head(checkpoint)
 
 
 def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
@@ -41,7 +57,7 @@ def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
 class VLAAgent:
     """Frozen backbone + trained head behind the rollout ``Agent`` protocol (``reset`` / ``act``)."""
 
-    def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0) -> None:
+    def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0, aux_head=None) -> None:
         from m2vla_core.heads.checkpoint import check_backbone
         from m2vla_core.sim.tasks import reads_privileged_state
 
@@ -59,6 +75,10 @@ class VLAAgent:
         self.privileged_error_m = privileged_error_m
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
+        # A head trained to predict the named objects' x, y (``m2vla features --object-targets``)
+        # says per act where it believes they are; the sim knows where they are.
+        self.aux_head = aux_head
+        self.object_errors_m: list[tuple[float, float]] = []  # per act(): (cube, target) distance [m]
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -75,10 +95,14 @@ class VLAAgent:
             from m2vla_core.packs import PackedPolicy
 
             policy = PackedPolicy.load(ckpt, backend=backend, device=device)
+            aux_head = None
         else:
             policy = HeadPolicy.load(ckpt, backend=backend, device=device)
-        return cls.around(policy, device=device, backbone_path=backbone_path, backbone=backbone,
-                          privileged_error_m=privileged_error_m)
+            aux_head = object_position_head(ckpt, policy.config)
+        agent = cls.around(policy, device=device, backbone_path=backbone_path, backbone=backbone,
+                           privileged_error_m=privileged_error_m)
+        agent.aux_head = aux_head
+        return agent
 
     @classmethod
     def around(cls, policy, *, device: str = "cpu", backbone_path: str | os.PathLike | None = None, backbone=None,
@@ -117,10 +141,16 @@ class VLAAgent:
         bundle = self.backbone.extract(observation.image, observation.instruction, self.contract)
         hidden, mask = bundle.numpy()  # (n_layers, T, D), (T,)
         t1 = time.perf_counter()
-        chunk = self.policy.infer(hidden, mask, self.state(observation))  # (H, A)
+        state = self.state(observation)
+        chunk = self.policy.infer(hidden, mask, state)  # (H, A)
         t2 = time.perf_counter()
         self.backbone_ms.append((t1 - t0) * 1e3)
         self.head_ms.append((t2 - t1) * 1e3)
+        if self.aux_head is not None and observation.named_objects_xy is not None:
+            believed = self.aux_head.predict_aux(torch.as_tensor(hidden)[None], torch.as_tensor(mask)[None],
+                                                 torch.as_tensor(state)[None])[0].numpy()  # (4,)
+            error = (believed - observation.named_objects_xy).reshape(2, 2)  # rows: cube, target
+            self.object_errors_m.append(tuple(float(e) for e in np.hypot(error[:, 0], error[:, 1])))
         return chunk
 
     def state(self, observation) -> np.ndarray:

@@ -71,6 +71,9 @@ class EvalReport:
     backbone_ms_p50: float
     seconds: float
     config: dict = field(default_factory=dict)
+    # [m] medians of a position-predicting head's belief vs the sim (empty for other heads):
+    # cube_first_act (arm at home), cube_all_acts, target_all_acts
+    object_error_m_p50: dict[str, float] = field(default_factory=dict)
     gifs: dict[str, list] = field(default_factory=dict)  # task -> frames (not serialised)
 
     def to_json(self) -> dict:
@@ -104,13 +107,14 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     env, agent, config = _WORKER["env"], _WORKER["agent"], _WORKER["config"]
     n_head = len(agent.head_ms)
     n_bb = len(agent.backbone_ms)
+    n_obj = len(agent.object_errors_m)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
                             frame_every=2)
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
             "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
-            "backbone_ms": agent.backbone_ms[n_bb:], "frames": frames}
+            "backbone_ms": agent.backbone_ms[n_bb:], "object_error_m": agent.object_errors_m[n_obj:], "frames": frames}
 
 
 def _small(frame: np.ndarray) -> np.ndarray:
@@ -192,15 +196,22 @@ def _aggregate(config: EvalConfig, tasks: list[str], results: list[dict], second
     act = [x for r in results for x in r["act_ms"]]
     head = [x for r in results for x in r["head_ms"]]
     bb = [x for r in results for x in r["backbone_ms"]]
+    errors = [r.get("object_error_m") or [] for r in results]  # per episode: [(cube, target)] per act
+    object_error = {}
+    if any(errors):
+        object_error = {"cube_first_act": _pct([e[0][0] for e in errors if e], 50),
+                        "cube_all_acts": _pct([a[0] for e in errors for a in e], 50),
+                        "target_all_acts": _pct([a[1] for e in errors for a in e], 50)}
     return EvalReport(
         policy=config.policy or str(default_policy_path()), backend=config.backend,
         mean_success=float(np.mean(list(success.values()))), success=success,
-        episodes={t: [{k: r[k] for k in ("seed", "success", "steps", "instruction")} for r in rs]
-                  for t, rs in by_task.items()},
+        episodes={t: [{**{k: r[k] for k in ("seed", "success", "steps", "instruction")},
+                       **({"object_error_m_first_act": list(r["object_error_m"][0])} if r.get("object_error_m") else {})}
+                      for r in rs] for t, rs in by_task.items()},
         seeds={t: [r["seed"] for r in rs] for t, rs in by_task.items()},
         act_ms_p50=_pct(act, 50), act_ms_p99=_pct(act, 99), head_us_p50=_pct(head, 50) * 1e3,
         head_us_p99=_pct(head, 99) * 1e3, backbone_ms_p50=_pct(bb, 50), seconds=seconds, config=asdict(config),
-        gifs={r["task"]: r["frames"] for r in results if r["frames"]})
+        gifs={r["task"]: r["frames"] for r in results if r["frames"]}, object_error_m_p50=object_error)
 
 
 def format_table(report: EvalReport) -> str:
@@ -211,6 +222,11 @@ def format_table(report: EvalReport) -> str:
     lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
     lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    if report.object_error_m_p50:
+        e = report.object_error_m_p50
+        lines.append(f"where the head believes the objects are, error p50: cube {e['cube_first_act'] * 100:.1f} cm "
+                     f"at the first act, {e['cube_all_acts'] * 100:.1f} cm over all acts; target "
+                     f"{e['target_all_acts'] * 100:.1f} cm")
     return "\n".join(lines)
 
 
