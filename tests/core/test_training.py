@@ -254,3 +254,25 @@ def test_aux_weight_needs_a_dataset_with_targets_and_a_config_that_agrees(data_d
         dataclasses.replace(config, aux_target_names=("x",))
     with pytest.raises(ValueError, match="aux_weight must be finite"):
         dataclasses.replace(config.arch, aux_weight=float("nan"))
+
+
+def test_frame_positions_count_within_each_episode_whatever_the_storage_order():
+    from m2vla_core.training.feature_dataset import frame_positions
+
+    assert frame_positions(np.array([3, 3, 3, 1, 1, 3, 7])).tolist() == [0, 1, 2, 0, 1, 3, 0]
+
+
+def test_aux_first_frames_learns_the_targets_from_each_episodes_first_frames_only(aux_data_dir, tmp_path):
+    from m2vla_core.training.trainer import aux_sample_indices
+
+    ds = FeatureDataset(aux_data_dir)
+    train_idx, _ = ds.split_by_episode(0.25, seed=0)
+    picked = aux_sample_indices(ds, train_idx, first_frames=2)
+    assert len(picked) == 2 * len(np.unique(ds.episode_index[train_idx]))
+    assert set(ds.frame_index[picked]) == {0, 1}
+    run = _run("mol+mlp", steps=60, lr=5e-3, aux_first_frames=2)
+    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    result = train(aux_data_dir, tmp_path / "ckpt", run, progress=False, plot=False)
+    assert result.val_aux_rmse[-1][1] < 0.5 * result.val_aux_rmse[0][1], result.val_aux_rmse
+    with pytest.raises(ValueError, match="aux_first_frames"):
+        TrainConfig(aux_first_frames=-1)

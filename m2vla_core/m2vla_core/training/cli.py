@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-weight", type=float,
                    help="weight of the auxiliary object-position loss (arch.aux_weight; needs a dataset from "
                         "`m2vla features --object-targets`); overrides the config")
+    p.add_argument("--aux-first-frames", type=int,
+                   help="learn the auxiliary targets from each episode's first N frames only (0 = all); overrides "
+                        "the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -54,8 +57,8 @@ def train_main(argv: list[str]) -> int:
             run = saved_run_config(args.out) if args.resume else run_config_from_preset(DEFAULT_PRESET)
         else:
             run = resolve_run_config(args.config)
-        overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
-                     if v is not None}
+        overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
+                                       ("aux_first_frames", args.aux_first_frames)) if v is not None}
         if overrides:
             run = replace(run, train=replace(run.train, **overrides))
         if args.aux_weight is not None:

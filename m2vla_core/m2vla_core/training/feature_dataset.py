@@ -217,6 +217,18 @@ class FeatureDatasetWriter:
         self.close()
 
 
+def frame_positions(episode_index: np.ndarray) -> np.ndarray:
+    """(N,) each sample's place in its episode (0 = first frame); samples are stored in frame order."""
+    episode_index = np.asarray(episode_index)
+    order = np.argsort(episode_index, kind="stable")  # (N,) episodes grouped, frame order kept
+    grouped = episode_index[order]
+    starts = np.r_[0, np.nonzero(np.diff(grouped))[0] + 1]  # (E,) first row of each episode
+    positions = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
+    frame_index = np.empty_like(positions)
+    frame_index[order] = positions
+    return frame_index
+
+
 class FeatureDataset:
     """Reads a feature dataset fully into memory (hidden kept in its storage dtype)."""
 
@@ -257,6 +269,7 @@ class FeatureDataset:
         self.episode_index = data["episode_index"].numpy()
         self.task_index = data["task_index"].numpy()
         self.aux_targets: torch.Tensor | None = data.get(AUX_FIELD)  # (N, K) or None
+        self.frame_index = frame_positions(self.episode_index)  # (N,)
 
     def __len__(self) -> int:
         return len(self.episode_index)

@@ -37,7 +37,7 @@ from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensor
 from m2vla_core.heads.configuration_head import HeadArchConfig
 from m2vla_core.heads.factory import DEFAULT_PRESET, get_preset
 from m2vla_core.heads.policy_head import PolicyHead
-from m2vla_core.training.feature_dataset import AUX_FIELD, FeatureDataset
+from m2vla_core.training.feature_dataset import AUX_FIELD, DatasetError, FeatureDataset
 from m2vla_core.training.normalization import dataset_stats
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,17 @@ class TrainConfig:
     val_max_samples: int = 2048
     ckpt_every: int = 500
     seed: int = 0
+    # Auxiliary loss (arch.aux_weight > 0) only on each episode's first N frames, from a batch of
+    # its own; 0 = every frame. Later frames of a demonstration show the arm closing in on the
+    # cube, and a predictor that reads the arm instead of the cube fails in closed loop.
+    aux_first_frames: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_max_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.aux_first_frames < 0:
+            raise ValueError(f"TrainConfig.aux_first_frames must be >= 0 (0 = every frame), got {self.aux_first_frames}")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
@@ -117,8 +123,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> np.ndarray:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + stream * 7_919_000_017)
     picks = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen).numpy()
     return train_idx[picks]
 
@@ -137,28 +143,35 @@ def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> 
 @torch.no_grad()
 def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray, batch_size: int = 256) -> float:
     """Mean normalised action MSE over (up to the first ``len(val_idx)``) validation samples."""
-    return validation_losses(head, dataset, val_idx, batch_size)[0]
+    was_training = head.training
+    head.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val_idx), batch_size):
+        idx = val_idx[start:start + batch_size]
+        total += float(_losses(head, dataset.batch(idx), exclude=False)[0]) * len(idx)
+        count += len(idx)
+    head.train(was_training)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
-def validation_losses(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray,
-                      batch_size: int = 256) -> tuple[float, float | None]:
-    """(mean normalised action MSE, RMS error of the auxiliary prediction in the targets' units or None)."""
+def aux_rmse(head: PolicyHead, dataset: FeatureDataset, idx: np.ndarray, batch_size: int = 256) -> float:
+    """RMS error of the auxiliary prediction over samples ``idx``, in the targets' units (e.g. m)."""
     was_training = head.training
     head.eval()
-    total, aux_sq, count = 0.0, 0.0, 0
-    for start in range(0, len(val_idx), batch_size):
-        idx = val_idx[start:start + batch_size]
-        batch = dataset.batch(idx)
-        action_loss, aux_loss = _losses(head, batch, exclude=False)
-        total += float(action_loss) * len(idx)
-        if aux_loss is not None:  # back to the targets' units: the per-target std undoes the normalisation
-            err = head.predict_aux(batch["hidden"], batch["mask"], batch["state"]) - batch[AUX_FIELD]
-            aux_sq += float(err.pow(2).mean()) * len(idx)
-        count += len(idx)
+    squared, count = 0.0, 0
+    for start in range(0, len(idx), batch_size):
+        batch = dataset.batch(idx[start:start + batch_size])
+        err = head.predict_aux(batch["hidden"], batch["mask"], batch["state"]) - batch[AUX_FIELD]  # (B, K)
+        squared += float(err.pow(2).mean()) * len(err)
+        count += len(err)
     head.train(was_training)
-    count = max(count, 1)
-    return total / count, (math.sqrt(aux_sq / count) if head.aux_predictor is not None else None)
+    return math.sqrt(squared / max(count, 1))
+
+
+def aux_sample_indices(dataset: FeatureDataset, idx: np.ndarray, first_frames: int) -> np.ndarray:
+    """The samples of ``idx`` the auxiliary loss learns from: all, or each episode's first frames."""
+    return idx[dataset.frame_index[idx] < first_frames] if first_frames else idx
 
 
 def set_aux_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.ndarray) -> None:
@@ -260,11 +273,15 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         start = 0
     t0 = time.perf_counter()
 
+    aux_train_idx = aux_sample_indices(dataset, train_idx, cfg.aux_first_frames)
+    aux_val_idx = aux_sample_indices(dataset, val_idx, cfg.aux_first_frames)
+    if head.aux_predictor is not None and not len(aux_train_idx):
+        raise DatasetError(f"{data_dir}: no training samples for the auxiliary loss")
+
     def validate(step: int) -> None:
-        val, aux_rmse = validation_losses(head, dataset, val_idx)
-        history["val"].append((step, val))
-        if aux_rmse is not None:
-            history.setdefault("val_aux_rmse", []).append((step, aux_rmse))
+        history["val"].append((step, validation_loss(head, dataset, val_idx)))
+        if head.aux_predictor is not None and len(aux_val_idx):
+            history.setdefault("val_aux_rmse", []).append((step, aux_rmse(head, dataset, aux_val_idx)))
 
     if start == 0 and len(val_idx) and not history["val"]:
         validate(0)  # the untrained baseline
@@ -279,6 +296,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
             group["lr"] = lr_at(step, cfg)
         action_loss, aux_loss = _losses(head, dataset.batch(_batch_indices(train_idx, step, cfg)),
                                         exclude=run.arch.msm.exclude_same_episode)
+        if aux_loss is not None and cfg.aux_first_frames:  # its own batch: few samples qualify
+            aux_loss = _losses(head, dataset.batch(_batch_indices(aux_train_idx, step, cfg, stream=1)), exclude=False)[1]
         loss = action_loss if aux_loss is None else action_loss + run.arch.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
