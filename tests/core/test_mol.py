@@ -139,3 +139,40 @@ def test_grid_token_positions_code_where_an_image_token_is_and_leave_text_tokens
     assert _head("router").mol.token_pos.abs().max() < 0.2  # "random" stays the default
     with pytest.raises(ValueError, match="token_pos_init"):
         MoLConfig(token_pos_init="sinusoid")
+
+
+def test_keypoints_find_a_token_by_its_features_as_the_instruction_asks_and_join_the_latent():
+    from m2vla_core.heads.layers import image_token_xy
+    from m2vla_core.heads.mol.modeling_mol import SpatialKeypoints
+
+    torch.manual_seed(0)
+    d, n = 8, 16  # a 4 x 4 grid
+    keypoints = SpatialKeypoints(d, num_keypoints=1, hidden=16, num_image_tokens=n)
+    red, blue = torch.eye(d)[0], torch.eye(d)[1]
+    # A scorer that fires where a token's feature AND the instruction's are on (per dimension).
+    with torch.no_grad():
+        first, _, last = keypoints.score
+        first.weight.zero_(), last.bias.zero_()
+        first.weight[:d, :d] = torch.eye(d) * 20
+        first.weight[:d, d:] = torch.eye(d) * 20
+        first.bias.fill_(-30.0)
+        last.weight.fill_(0.0)
+        last.weight[0, :d] = 1.0
+    tokens = torch.zeros(2, n + 2, d)
+    tokens[:, 5], tokens[:, 10] = red, blue  # red at cell 5, blue at cell 10
+    tokens[0, n:], tokens[1, n:] = red, blue  # instruction tokens: "red" / "blue"
+    mask = torch.ones(2, n + 2, dtype=torch.bool)
+    found = keypoints.positions(tokens, mask)  # (2, 1, 2)
+    cells = image_token_xy(n)
+    torch.testing.assert_close(found[0, 0], cells[5], atol=0.02, rtol=0)
+    torch.testing.assert_close(found[1, 0], cells[10], atol=0.02, rtol=0)
+    mask[0, 5] = False  # a masked token is never found
+    assert (keypoints.positions(tokens, mask)[0, 0] - cells[5]).abs().max() > 0.1
+
+    head = _head("router", num_keypoints=2)
+    features, mask, state = _inputs(head)
+    latent, _ = head.mol(features, mask, head.normalizer.normalize_state(state))
+    assert latent.shape[1] == head.config.arch.mol.num_queries + 2
+    assert head(features, mask, state).shape == (5, 16, 8)
+    with pytest.raises(ValueError, match="num_keypoints"):
+        MoLConfig(num_keypoints=-1)

@@ -57,24 +57,35 @@ def mlp(d_in: int, hidden: int, d_out: int, num_layers: int = 2) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
+def image_token_grid(num_image_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of N raster-ordered image tokens: the factor pair closest to square (what the
+    backbone adapter pools a square frame to)."""
+    rows = min((a for a in range(1, num_image_tokens + 1) if num_image_tokens % a == 0),
+               key=lambda a: (abs(math.log(a / (num_image_tokens // a))), a))
+    return rows, num_image_tokens // rows
+
+
+def image_token_xy(num_image_tokens: int) -> torch.Tensor:
+    """(N, 2) [0, 1] (row, column) of each image token's cell centre."""
+    rows, cols = image_token_grid(num_image_tokens)
+    y, x = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
+    return torch.stack([y.reshape(-1), x.reshape(-1)], -1)
+
+
 def image_grid_embedding(num_image_tokens: int, d_model: int) -> torch.Tensor:
     """(N, d) fixed 2-D sine / cosine codes of raster-ordered image tokens on their grid.
 
-    The grid is the factor pair of N closest to square (what the backbone adapter pools a square
-    frame to). Qwen2-VL's rotary positions leave little absolute position in the hidden states;
-    a head that starts from these codes can read *where* an attended token is, as a keypoint.
+    Qwen2-VL's rotary positions leave little absolute position in the hidden states; a head that
+    starts from these codes can read *where* an attended token is, as a keypoint.
     """
-    rows = min((a for a in range(1, num_image_tokens + 1) if num_image_tokens % a == 0),
-               key=lambda a: (abs(math.log(a / (num_image_tokens // a))), a))
-    cols = num_image_tokens // rows
-    y, x = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
+    rows, cols = image_token_grid(num_image_tokens)
     n_freq = d_model // 4
     if n_freq == 0:
         return torch.zeros(num_image_tokens, d_model)
     # from half a period over the whole grid to one period per four tokens (at two, the cosine
     # of every cell centre is 0: the code would alias to a constant)
     freqs = math.pi * torch.logspace(0, math.log2(max(1.0, max(rows, cols) / 2)), n_freq, base=2.0)  # (F,)
-    angles = torch.stack([y.reshape(-1), x.reshape(-1)], -1)[:, :, None] * freqs  # (N, 2, F)
+    angles = image_token_xy(num_image_tokens)[:, :, None] * freqs  # (N, 2, F)
     codes = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(num_image_tokens, 4 * n_freq)  # (N, 4F)
     return torch.nn.functional.pad(codes, (0, d_model - 4 * n_freq))  # (N, d)
 

@@ -99,7 +99,7 @@ class PolicyHead(nn.Module):
                                    fixed_pos=config.layer_position(arch.mol.fixed_layer, "middle"),
                                    router_pos=config.layer_position(arch.mol.router_layer, "first"))
         self.key_pos = config.layer_position(arch.msm.key_layer, "last")
-        latent_dim = arch.mol.num_queries * d
+        latent_dim = self.mol.latent_tokens * d
         if arch.action_head == "mlp":
             self.action_head = mlp(latent_dim + s, arch.mlp.hidden, h * a, num_layers=arch.mlp.num_layers + 1)
         elif arch.action_head == "skills":

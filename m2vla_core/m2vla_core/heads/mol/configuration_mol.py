@@ -24,6 +24,12 @@ class MoLConfig:
     # 2-D sine / cosine codes of their place in the token grid (``image_grid_embedding``), so the
     # queries' attention can carry where an object is. Training moves them either way.
     token_pos_init: str = "random"
+    # Instruction-conditioned spatial keypoints: a per-token scorer (reading the image token and
+    # the instruction) gives a softmax over the image grid per keypoint; its expected (row, col)
+    # joins the latent as one more token. This is where a head can say *where* the named object
+    # is, to a fraction of a token. 0 = none.
+    num_keypoints: int = 0
+    keypoint_hidden: int = 64
 
     def __post_init__(self) -> None:
         if self.mix not in MIX_MODES:
@@ -36,7 +42,9 @@ class MoLConfig:
             raise ValueError(f"MoLConfig.fixed_layer must be a hidden-state index or -1, got {self.fixed_layer}")
         if self.router_layer < -1:
             raise ValueError(f"MoLConfig.router_layer must be a hidden-state index or -1, got {self.router_layer}")
-        for name in ("router_hidden", "num_queries", "num_heads"):
+        if self.num_keypoints < 0:
+            raise ValueError(f"MoLConfig.num_keypoints must be >= 0, got {self.num_keypoints}")
+        for name in ("router_hidden", "num_queries", "num_heads", "keypoint_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoLConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.token_pos_init not in TOKEN_POS_INITS:

@@ -1,5 +1,6 @@
 """Mixture of Layers: per-layer RMS norm, a layer mix (fixed, static or routed), then learned
-queries cross-attend to the mixed tokens and give a compact latent.
+queries cross-attend to the mixed tokens and give a compact latent (plus, optionally, one
+token per instruction-conditioned spatial keypoint: ``SpatialKeypoints``).
 
 With ``mix="router"`` and ``top_k=k`` only k layers per sample are gathered from the input
 (the others are never read, so they get no gradient and cannot change the output); the
@@ -13,8 +14,39 @@ import torch
 from torch import nn
 
 from m2vla_core.features import FeatureContract
-from m2vla_core.heads.layers import CrossBlock, image_grid_embedding, masked_mean, mlp, rms_normalize
+from m2vla_core.heads.layers import (MASK_FILL, CrossBlock, image_grid_embedding, image_token_xy, masked_mean, mlp,
+                                     rms_normalize)
 from m2vla_core.heads.mol.configuration_mol import MoLConfig
+
+
+class SpatialKeypoints(nn.Module):
+    """Image tokens + instruction -> K keypoints: a spatial softmax over the token grid each.
+
+    A shared MLP scores every image token from its features and the instruction's mean token,
+    so the same weights find "the red cube" or "the blue cube" as the instruction says. The
+    expected cell centre under each softmax is a position finer than the token grid.
+    """
+
+    def __init__(self, d_model: int, num_keypoints: int, hidden: int, num_image_tokens: int) -> None:
+        super().__init__()
+        self.num_image_tokens = num_image_tokens
+        self.score = mlp(2 * d_model, hidden, num_keypoints)
+        self.embed = nn.Linear(2, d_model)
+        self.identity = nn.Parameter(torch.randn(num_keypoints, d_model) * 0.02)
+        self.register_buffer("token_xy", image_token_xy(num_image_tokens), persistent=False)  # (N, 2)
+
+    def positions(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, d) image first, mask (B, T) -> (B, K, 2) expected (row, col) in [0, 1]."""
+        n = self.num_image_tokens
+        instruction = masked_mean(tokens[:, n:], mask[:, n:])  # (B, d)
+        image = tokens[:, :n]  # (B, N, d)
+        scores = self.score(torch.cat([image, instruction[:, None, :].expand_as(image)], dim=-1))  # (B, N, K)
+        scores = scores.masked_fill(~mask[:, :n, None], MASK_FILL)
+        return torch.softmax(scores, dim=1).transpose(1, 2) @ self.token_xy  # (B, K, 2)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> (B, K, d) one latent token per keypoint: its position, and which keypoint it is."""
+        return self.embed(self.positions(tokens, mask) * 2.0 - 1.0) + self.identity
 
 
 class MixtureOfLayers(nn.Module):
@@ -37,6 +69,8 @@ class MixtureOfLayers(nn.Module):
                 self.token_pos[:contract.num_image_tokens] = image_grid_embedding(contract.num_image_tokens, d_model)
         self.queries = nn.Parameter(torch.randn(config.num_queries, d_model) * 0.02)
         self.block = CrossBlock(d_model, config.num_heads)
+        self.keypoints = (SpatialKeypoints(d_model, config.num_keypoints, config.keypoint_hidden,
+                                           contract.num_image_tokens) if config.num_keypoints else None)
 
     def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         return rms_normalize(x, self.config.eps) * gain
@@ -80,9 +114,17 @@ class MixtureOfLayers(nn.Module):
         return self._mix(features, mask, state_n)[1]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, L, T, D), mask (B, T) bool, normalised state (B, S) -> latent (B, Q, d), weights (B, L)."""
+        """features (B, L, T, D), mask (B, T) bool, normalised state (B, S) -> latent (B, Q + K, d), weights (B, L)."""
         mixed, weights = self._mix(features, mask, state_n)
-        tokens = self.in_proj(mixed) + self.token_pos  # (B, T, d)
+        projected = self.in_proj(mixed)  # (B, T, d)
+        tokens = projected + self.token_pos  # (B, T, d)
         queries = self.queries.expand(features.shape[0], -1, -1)  # (B, Q, d)
         latent = self.block(queries, tokens, mask)  # (B, Q, d)
+        if self.keypoints is not None:
+            latent = torch.cat([latent, self.keypoints(projected, mask)], dim=1)  # (B, Q + K, d)
         return latent, weights
+
+    @property
+    def latent_tokens(self) -> int:
+        """Q + K: rows of the latent."""
+        return self.config.num_queries + self.config.num_keypoints
