@@ -212,10 +212,11 @@ def test_aux_targets_round_trip_and_are_required_exactly_when_the_meta_names_the
     with FeatureDatasetWriter(tmp_path / "named", _meta(aux_target_names=("x", "y"))) as w:
         with pytest.raises(DatasetError, match=r"aux_targets missing.*\('x', 'y'\)"):
             w.add(*sample)
-        with pytest.raises(DatasetError, match="aux_targets contains NaN"):
-            w.add(*sample, aux_targets=[0.1, np.nan])
+        with pytest.raises(DatasetError, match="aux_targets contains inf"):
+            w.add(*sample, aux_targets=[0.1, np.inf])
         w.add(*sample, aux_targets=[0.1, 0.2])
-    np.testing.assert_allclose(FeatureDataset(tmp_path / "named").aux_targets.numpy(), [[0.1, 0.2]])
+        w.add(*sample, aux_targets=[0.3, np.nan])  # NaN: this sample has no such target
+    np.testing.assert_allclose(FeatureDataset(tmp_path / "named").aux_targets.numpy(), [[0.1, 0.2], [0.3, np.nan]])
     with FeatureDatasetWriter(tmp_path / "plain", _meta()) as w:
         with pytest.raises(DatasetError, match="aux_targets given"):
             w.add(*sample, aux_targets=[0.1, 0.2])
@@ -276,3 +277,25 @@ def test_aux_first_frames_learns_the_targets_from_each_episodes_first_frames_onl
     assert result.val_aux_rmse[-1][1] < 0.5 * result.val_aux_rmse[0][1], result.val_aux_rmse
     with pytest.raises(ValueError, match="aux_first_frames"):
         TrainConfig(aux_first_frames=-1)
+
+
+def test_absent_aux_targets_are_left_out_of_the_loss_and_the_error(aux_data_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "absent"
+    shutil.copytree(aux_data_dir, copy)
+    for shard in sorted(copy.glob("shard-*.safetensors")):  # goal_1 never known, goal_0 for every other sample
+        tensors = load_file(str(shard))
+        tensors["aux_targets"][:, 1] = float("nan")
+        tensors["aux_targets"][1::2, 0] = float("nan")
+        save_file(tensors, str(shard))
+    run = _run("mol+mlp", steps=40, lr=5e-3)
+    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    result = train(copy, tmp_path / "ckpt", run, progress=False, plot=False)
+    rmse = [r for _, r in result.val_aux_rmse]
+    assert all(np.isfinite(rmse)) and rmse[-1] < rmse[0], rmse
+    head = load_head(tmp_path / "ckpt")
+    assert head.aux_predictor.target_mean[1] == 0.0 and head.aux_predictor.target_std[1] == 1.0  # never seen
+    assert torch.isfinite(head.aux_predictor.target_mean).all()

@@ -167,17 +167,19 @@ def _object_target_features(pipeline, out):
 
 def test_object_targets_store_the_same_positions_beside_an_unchanged_state(pipeline, tmp_path):
     from m2vla_core.sim.lerobot_io import load_lerobot_episodes
-    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, get_task
+    from m2vla_core.sim.tasks import OBJECT_XY_NAMES, get_task
 
     plain, targeted = FeatureDataset(pipeline["features"]), _object_target_features(pipeline, tmp_path / "targets")
-    assert targeted.meta.aux_target_names == NAMED_OBJECT_XY_NAMES
+    assert targeted.meta.aux_target_names == OBJECT_XY_NAMES  # every object, by colour and kind
     assert targeted.meta.state_names == plain.meta.state_names  # the head reads what it always read
     assert torch.equal(targeted.state, plain.state)
     for episode in load_lerobot_episodes(pipeline["data"]):
-        truth = get_task(episode.task).make_episode(episode.seed).named_objects_xy()
-        rows = targeted.aux_targets[targeted.episode_index == episode.index].numpy()  # (T, 4)
+        spec = get_task(episode.task).make_episode(episode.seed)
+        rows = targeted.aux_targets[targeted.episode_index == episode.index].numpy()  # (T, 24)
         assert len(rows) == len(episode)
-        np.testing.assert_allclose(rows, np.tile(truth, (len(rows), 1)), atol=1e-6)
+        np.testing.assert_allclose(rows, np.tile(spec.objects_xy(), (len(rows), 1)), atol=1e-6)  # NaN where absent
+        present = ~np.isnan(rows[0].reshape(-1, 2)[:, 0])
+        assert present.sum() == len(spec.layout.cubes) + len(spec.layout.targets)
 
 
 def test_eval_scores_where_a_position_trained_head_believes_the_objects_are(pipeline, tmp_path):

@@ -10,9 +10,9 @@ nothing twice.
 The contract (layers, image / text token counts) is fixed here: a head trained on the
 dataset reads exactly what was computed, and perception serves the same contract later.
 
-``--object-targets`` stores each sample's named-object positions as auxiliary targets (what
-``m2vla train`` with ``aux_weight`` teaches the head to predict); ``--privileged-state`` puts
-the same positions in the state instead (a diagnostic head that reads the truth).
+``--object-targets`` stores every object's position (``EpisodeSpec.objects_xy``) as auxiliary
+targets (what ``m2vla train --aux-weight`` teaches the head to predict); ``--privileged-state``
+puts the named objects' positions in the state instead (a diagnostic head that reads the truth).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class FeaturesConfig:
     batch_size: int = 16
     max_episodes: int = 0  # 0 = all episodes
     privileged_state: bool = False  # append each episode's named-object positions to the state (a diagnostic)
-    object_targets: bool = False  # store them as auxiliary training targets (sim recordings only)
+    object_targets: bool = False  # store every object's x, y as auxiliary training targets (sim recordings only)
     image_size: int = 0  # [px] square frame the backbone sees (Qwen2-VL family); 0 = the backbone's default
 
     def __post_init__(self) -> None:
@@ -82,7 +82,17 @@ def future_chunks(actions: np.ndarray, chunk_len: int) -> np.ndarray:
 
 
 def named_object_columns(episode) -> np.ndarray:
-    """(T, 4) ``EpisodeSpec.named_objects_xy`` of a recorded episode, recomputed from its task and seed.
+    """(T, 4) ``EpisodeSpec.named_objects_xy`` of a recorded episode, recomputed from its task and seed."""
+    return np.tile(recorded_episode_spec(episode).named_objects_xy().astype(np.float32), (len(episode), 1))
+
+
+def object_target_columns(episode) -> np.ndarray:
+    """(T, 2 * objects) ``EpisodeSpec.objects_xy`` of a recorded episode (NaN: not in its layout)."""
+    return np.tile(recorded_episode_spec(episode).objects_xy().astype(np.float32), (len(episode), 1))
+
+
+def recorded_episode_spec(episode):
+    """The ``EpisodeSpec`` of a recorded episode, recomputed from its task and seed.
 
     Only ``m2vla record`` episodes carry both; the instruction must match the one the seed gives
     today, or the suite changed since the recording and the positions would be another layout's.
@@ -96,7 +106,7 @@ def named_object_columns(episode) -> np.ndarray:
     if spec.instruction != episode.instruction:
         raise ValueError(f"episode {episode.index}: {episode.task} seed {episode.seed} now gives the instruction "
                          f"{spec.instruction!r}, the recording has {episode.instruction!r}: re-record the data")
-    return np.tile(spec.named_objects_xy().astype(np.float32), (len(episode), 1))  # (T, 4)
+    return spec
 
 
 def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: FeaturesConfig | None = None,
@@ -114,7 +124,7 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.instructions import clean_instruction
     from m2vla_core.sim.lerobot_io import _read_jsonl, load_info, load_lerobot_episodes
-    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, PRIVILEGED_STATE_NAMES, task_names
+    from m2vla_core.sim.tasks import OBJECT_XY_NAMES, PRIVILEGED_STATE_NAMES, task_names
     from m2vla_core.training.feature_dataset import FeatureDatasetMeta, FeatureDatasetWriter
 
     config = config or FeaturesConfig()
@@ -155,7 +165,7 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                               hidden_dtype=config.hidden_dtype, state_names=(*state_names, *extra_state),
                               action_names=action_names if len(action_names) == action_dim else (),
                               task_names=tuple(tasks),
-                              aux_target_names=NAMED_OBJECT_XY_NAMES if config.object_targets else ())
+                              aux_target_names=OBJECT_XY_NAMES if config.object_targets else ())
     writer = FeatureDatasetWriter(out_dir, meta, append=append)
     # Episode indices restart at 0 in every recorded dataset: appended ones are shifted past the
     # existing ones, or the episode split and the skill memory's same-episode exclusion would
@@ -196,11 +206,10 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                     extra_tasks.append(task)
                 task_index = len(tasks) + extra_tasks.index(task)
             n = len(ep)
-            positions = named_object_columns(ep) if extra_state or config.object_targets else None  # (T, 4)
-            states = np.hstack([ep.states, positions]) if extra_state else ep.states  # (T, S)
+            states = np.hstack([ep.states, named_object_columns(ep)]) if extra_state else ep.states  # (T, S)
             writer.add(hidden, mask, states, future_chunks(ep.actions, config.chunk_len),
                        np.full(n, index + episode_offset, dtype=np.int64), np.full(n, task_index, dtype=np.int64),
-                       aux_targets=positions if config.object_targets else None)
+                       aux_targets=object_target_columns(ep) if config.object_targets else None)
             summary["episodes"] += 1
             summary["samples"] += n
             bar.update(1)
@@ -242,7 +251,7 @@ def features_main(argv: list[str]) -> int:
     p.add_argument("--privileged-state", action="store_true",
                    help="append the named objects' true x, y to the state: a diagnostic head for m2vla eval only")
     p.add_argument("--object-targets", action="store_true",
-                   help="store the named objects' true x, y as auxiliary targets, for a head trained with "
+                   help="store every object's true x, y as auxiliary targets, for a head trained with "
                         "aux_weight > 0 (`m2vla train --aux-weight`); the head never reads them")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

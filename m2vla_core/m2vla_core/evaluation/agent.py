@@ -25,16 +25,24 @@ import torch
 
 
 def object_position_head(checkpoint: str | os.PathLike, config):
-    """The torch head of a checkpoint whose auxiliary targets are the named objects' x, y, else None.
+    """The torch head of a checkpoint whose auxiliary targets are the objects' x, y, else None.
 
     The ONNX graph holds only the action path; the position predictor is in the safetensors.
     """
     from m2vla_core.heads.checkpoint import load_head
-    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES
+    from m2vla_core.sim.tasks import OBJECT_XY_NAMES
 
-    if tuple(config.aux_target_names) != NAMED_OBJECT_XY_NAMES:
+    if tuple(config.aux_target_names) != OBJECT_XY_NAMES:
         return None
     return load_head(checkpoint)
+
+
+def named_object_belief(believed_xy: np.ndarray, keys: tuple[str, str]) -> np.ndarray:
+    """(4,) the named cube's and target's x, y out of a prediction ordered by ``OBJECT_XY_NAMES``."""
+    from m2vla_core.sim.tasks import object_keys
+
+    rows = np.asarray(believed_xy).reshape(-1, 2)  # (objects, 2)
+    return np.concatenate([rows[object_keys().index(key)] for key in keys])
 
 
 def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
@@ -146,10 +154,11 @@ class VLAAgent:
         t2 = time.perf_counter()
         self.backbone_ms.append((t1 - t0) * 1e3)
         self.head_ms.append((t2 - t1) * 1e3)
-        if self.aux_head is not None and observation.named_objects_xy is not None:
+        if self.aux_head is not None and observation.named_objects_xy is not None and observation.named_object_keys:
             believed = self.aux_head.predict_aux(torch.as_tensor(hidden)[None], torch.as_tensor(mask)[None],
-                                                 torch.as_tensor(state)[None])[0].numpy()  # (4,)
-            error = (believed - observation.named_objects_xy).reshape(2, 2)  # rows: cube, target
+                                                 torch.as_tensor(state)[None])[0].numpy()  # (2 * objects,)
+            named = named_object_belief(believed, observation.named_object_keys)  # (4,)
+            error = (named - observation.named_objects_xy).reshape(2, 2)  # rows: cube, target
             self.object_errors_m.append(tuple(float(e) for e in np.hypot(error[:, 0], error[:, 1])))
         return chunk
 

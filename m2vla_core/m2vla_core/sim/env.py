@@ -37,6 +37,7 @@ class Observation:
     step: int  # control steps since reset
     wrist_image: np.ndarray | None = None  # (H, W, 3) uint8 when SimConfig.wrist_camera
     named_objects_xy: np.ndarray | None = None  # (4,) [m] EpisodeSpec.named_objects_xy: privileged diagnostics only
+    named_object_keys: tuple[str, str] | None = None  # EpisodeSpec.named_object_keys, for the same diagnostics
 
 
 @dataclass
@@ -149,7 +150,8 @@ class TaskEnv:
         wrist = self.scene.render_wrist() if (self.config.render and self.config.wrist_camera) else None
         return Observation(image=image, joint_positions=self.scene.arm_state(), ee_pose=self.scene.ee_pose(),
                            instruction=self.spec.instruction, task=self.spec.task, time_s=self._time_s,
-                           step=self._steps, wrist_image=wrist, named_objects_xy=self._named_objects_xy)
+                           step=self._steps, wrist_image=wrist, named_objects_xy=self._named_objects_xy,
+                           named_object_keys=self.spec.named_object_keys())
 
     # ----------------------------------------------------------------------------- low level
     def apply_joint_command(self, q) -> None:

@@ -75,9 +75,36 @@ class EpisodeSpec:
             target = cube
         return np.array([*cube, *target], dtype=np.float64)
 
+    def named_object_keys(self) -> tuple[str, str]:
+        """Keys (``object_keys``) of the named cube and of its target (the cube's own when none)."""
+        cube = f"{self.cube}_cube"
+        return cube, (f"{self.target}_{self.target_kind}" if self.target_kind else cube)
 
-# The entries of ``EpisodeSpec.named_objects_xy``. As training targets (``m2vla features
-# --object-targets``) a head learns to predict them from its features; it never reads them.
+    def objects_xy(self) -> np.ndarray:
+        """(2 * len(object_keys()),) [m] table x, y of every object by ``object_keys``; NaN where the
+        layout has no such object. Training targets (``m2vla features --object-targets``)."""
+        xy = np.full((len(object_keys()), 2), np.nan)
+        keys = object_keys()
+        for cube in self.layout.cubes:
+            xy[keys.index(f"{cube.colour}_cube")] = cube.xy_m
+        for target in self.layout.targets:
+            xy[keys.index(f"{target.colour}_{target.kind}")] = target.xy_m
+        return xy.reshape(-1)
+
+
+TARGET_KINDS = ("zone", "tray")
+
+
+def object_keys() -> tuple[str, ...]:
+    """Every object a layout may hold, by colour and kind: "red_cube", ..., "red_zone", ..., "red_tray", ..."""
+    return tuple(f"{colour}_{kind}" for kind in ("cube", *TARGET_KINDS) for colour in COLOURS)
+
+
+# ``EpisodeSpec.objects_xy`` entry names: what a head trained with ``m2vla features
+# --object-targets`` learns to predict (every object, not only the named ones: four times the
+# labels per frame, and no need to read the instruction to place them). It never reads them.
+OBJECT_XY_NAMES = tuple(f"{key}_{axis}" for key in object_keys() for axis in "xy")
+# The entries of ``EpisodeSpec.named_objects_xy``.
 NAMED_OBJECT_XY_NAMES = ("cube_x", "cube_y", "target_x", "target_y")
 # State entries a diagnostic head may read on top of the joints: the named objects' positions
 # from the simulator (``EpisodeSpec.named_objects_xy``). A head trained with them shows what the

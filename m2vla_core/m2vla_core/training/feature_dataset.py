@@ -13,8 +13,9 @@ Only shards listed in meta.json exist as far as readers are concerned; both are 
 temporary name and renamed, so a crash never leaves a half-written dataset that reads as
 valid. Reading parses JSON + safetensors only (never pickle).
 
-``aux_targets`` are quantities a head may be taught to predict besides its actions (the named
-objects' positions, ``m2vla features --object-targets``); a head never reads them as input.
+``aux_targets`` are quantities a head may be taught to predict besides its actions (every
+object's position, ``m2vla features --object-targets``); NaN marks one a sample does not have
+(an object not in that layout). A head never reads them as input.
 """
 
 from __future__ import annotations
@@ -175,9 +176,11 @@ class FeatureDatasetWriter:
                                    f"(meta: contract {self.meta.contract.shape}, S={self.meta.state_dim}, "
                                    f"H={self.meta.chunk_len}, A={self.meta.action_dim})")
         floats = [k for k in ("state", "actions", AUX_FIELD) if k in tensors]
-        for key in ("hidden", *floats):
+        for key in ("hidden", "state", "actions"):
             if not torch.isfinite(tensors[key].float()).all():
                 raise DatasetError(f"add(): {key} contains NaN or inf")
+        if AUX_FIELD in tensors and torch.isinf(tensors[AUX_FIELD].float()).any():
+            raise DatasetError(f"add(): {AUX_FIELD} contains inf (NaN marks an absent target)")
         self._pending["hidden"].append(tensors["hidden"].to(HIDDEN_DTYPES[self.meta.hidden_dtype]))
         self._pending["mask"].append(tensors["mask"].to(torch.bool))
         for key in floats:

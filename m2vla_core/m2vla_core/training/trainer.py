@@ -11,7 +11,8 @@ train_state.safetensors (optimizer moments + step), train.json (run config + his
 loss_curves.png.
 
 With ``arch.aux_weight > 0`` the loss adds that weight times the MSE of the auxiliary
-prediction (normalised targets, e.g. the named objects' x, y); ``history["train"]`` and
+prediction (normalised targets, e.g. every object's x, y; absent ones, NaN, are left out);
+``history["train"]`` and
 ``history["val"]`` stay the action loss alone, so runs with and without it compare, and
 ``history["val_aux_rmse"]`` is the validation error of the prediction in the targets' units.
 """
@@ -137,7 +138,11 @@ def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> 
     action_loss = torch.nn.functional.mse_loss(pred, target)
     if aux is None:
         return action_loss, None
-    return action_loss, torch.nn.functional.mse_loss(aux, head.aux_predictor.normalize(batch[AUX_FIELD]))
+    target = head.aux_predictor.normalize(batch[AUX_FIELD])  # (B, K), NaN where absent
+    present = ~torch.isnan(target)
+    if not present.any():
+        return action_loss, aux.sum() * 0.0  # nothing to learn from in this batch
+    return action_loss, (aux - torch.nan_to_num(target))[present].pow(2).mean()
 
 
 @torch.no_grad()
@@ -156,15 +161,16 @@ def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarr
 
 @torch.no_grad()
 def aux_rmse(head: PolicyHead, dataset: FeatureDataset, idx: np.ndarray, batch_size: int = 256) -> float:
-    """RMS error of the auxiliary prediction over samples ``idx``, in the targets' units (e.g. m)."""
+    """RMS error of the auxiliary prediction over samples ``idx`` (present targets), in their units (e.g. m)."""
     was_training = head.training
     head.eval()
     squared, count = 0.0, 0
     for start in range(0, len(idx), batch_size):
         batch = dataset.batch(idx[start:start + batch_size])
         err = head.predict_aux(batch["hidden"], batch["mask"], batch["state"]) - batch[AUX_FIELD]  # (B, K)
-        squared += float(err.pow(2).mean()) * len(err)
-        count += len(err)
+        present = ~torch.isnan(err)
+        squared += float(err[present].pow(2).sum())
+        count += int(present.sum())
     head.train(was_training)
     return math.sqrt(squared / max(count, 1))
 
@@ -175,11 +181,17 @@ def aux_sample_indices(dataset: FeatureDataset, idx: np.ndarray, first_frames: i
 
 
 def set_aux_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.ndarray) -> None:
-    """Normalise the auxiliary targets by the training split's mean and std (no-op without them)."""
+    """Normalise the auxiliary targets by the training split's mean and std (no-op without them).
+
+    Over the present values; a target never present in the split gets mean 0, std 1.
+    """
     if head.aux_predictor is None:
         return
-    targets = dataset.aux_targets[torch.as_tensor(train_idx)].double()  # (N, K)
-    head.aux_predictor.set_stats(targets.mean(0).float().numpy(), targets.std(0, unbiased=False).float().numpy())
+    targets = dataset.aux_targets[torch.as_tensor(train_idx)].double().numpy()  # (N, K), NaN = absent
+    seen = ~np.isnan(targets).all(0)  # (K,)
+    mean, std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
+    mean[seen], std[seen] = np.nanmean(targets[:, seen], 0), np.nanstd(targets[:, seen], 0)
+    head.aux_predictor.set_stats(mean.astype(np.float32), std.astype(np.float32))
 
 
 def _optimizer(head: PolicyHead, cfg: TrainConfig) -> torch.optim.Optimizer:
