@@ -39,7 +39,7 @@ class HeadArchConfig:
     mlp: MLPHeadConfig = field(default_factory=MLPHeadConfig)
     msm: MSMConfig = field(default_factory=MSMConfig)
     skills: SkillsConfig = field(default_factory=SkillsConfig)
-    # Weight of an auxiliary loss: predict the dataset's aux targets (the named objects' x, y) from
+    # Weight of an auxiliary loss: predict the dataset's aux targets (e.g. every object's x, y) from
     # the MoL latent. The action loss alone never made the latent say where the cube is; this
     # supervises it directly. 0 = off. Training only: the deployed head reads and emits the same.
     aux_weight: float = 0.0

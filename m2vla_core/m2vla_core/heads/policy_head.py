@@ -5,7 +5,7 @@ module (buffers saved in model.safetensors), so ``forward`` takes and returns ph
 and the exported ONNX graph needs no side files; training uses ``forward_normalized``.
 
 A head trained with an auxiliary loss (``arch.aux_weight``) also has ``aux_predictor``: from
-the same latent, the named objects' positions. ``forward`` does not use it (nor does the ONNX
+the same latent, e.g. the objects' positions. ``forward`` does not use it (nor does the ONNX
 graph); training and diagnostics (``predict_aux``) do.
 """
 
@@ -63,7 +63,7 @@ class Normalizer(nn.Module):
 
 
 class AuxTargetPredictor(nn.Module):
-    """latent (B, Q * d) -> auxiliary targets (B, K), normalised by the training split's statistics."""
+    """Flat latent (B, latent_dim) -> auxiliary targets (B, K), normalised by the training split's statistics."""
 
     def __init__(self, latent_dim: int, hidden: int, num_targets: int) -> None:
         super().__init__()
@@ -137,7 +137,7 @@ class PolicyHead(nn.Module):
         """(chunk (B, H, A), auxiliary prediction (B, K) or None), both normalised, from one MoL pass."""
         self.check_inputs(features, mask, state)
         state_n = self.normalizer.normalize_state(state)
-        latent, _ = self.mol(features, mask, state_n)  # (B, Q, d)
+        latent, _ = self.mol(features, mask, state_n)  # (B, Q + keypoints, d)
         aux = self.aux_predictor(latent.flatten(1)) if with_aux and self.aux_predictor is not None else None
         return self._decode(features, mask, state_n, latent, exclude_episode), aux
 

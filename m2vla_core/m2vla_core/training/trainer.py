@@ -11,10 +11,10 @@ train_state.safetensors (optimizer moments + step), train.json (run config + his
 loss_curves.png.
 
 With ``arch.aux_weight > 0`` the loss adds that weight times the MSE of the auxiliary
-prediction (normalised targets, e.g. every object's x, y; absent ones, NaN, are left out);
-``history["train"]`` and
-``history["val"]`` stay the action loss alone, so runs with and without it compare, and
-``history["val_aux_rmse"]`` is the validation error of the prediction in the targets' units.
+prediction (normalised targets, e.g. every object's x, y; absent ones, NaN, are left out).
+``history["train"]`` and ``history["val"]`` stay the action loss alone, so runs with and
+without it compare; ``history["val_aux_rmse"]`` is the validation error of the prediction in
+the targets' units.
 """
 
 from __future__ import annotations
