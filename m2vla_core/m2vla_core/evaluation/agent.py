@@ -83,8 +83,8 @@ class VLAAgent:
         self.privileged_error_m = privileged_error_m
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
-        # A head trained to predict the named objects' x, y (``m2vla features --object-targets``)
-        # says per act where it believes they are; the sim knows where they are.
+        # A head trained to predict the objects' x, y (``m2vla features --object-targets``) says
+        # per act where it believes the named ones are; the sim knows where they are.
         self.aux_head = aux_head
         self.object_errors_m: list[tuple[float, float]] = []  # per act(): (cube, target) distance [m]
 
