@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,13 @@ from m2vla_core.heads.factory import small_head_config
 from m2vla_core.training.cli import train_main
 from m2vla_core.training.feature_dataset import DatasetError, FeatureDataset, FeatureDatasetMeta, FeatureDatasetWriter
 from m2vla_core.training.synthetic import write_synthetic_dataset
-from m2vla_core.training.trainer import RunConfig, TrainConfig, train
+from m2vla_core.training.trainer import RunConfig, TrainConfig, aux_rmse, train
 
 CONTRACT = small_head_config().contract
 
 
-def _run(preset: str = "mol+msm", steps: int = 60, **train_kw) -> RunConfig:
-    arch = small_head_config(preset).arch
+def _run(preset: str = "mol+msm", steps: int = 60, aux_weight: float = 0.0, **train_kw) -> RunConfig:
+    arch = dataclasses.replace(small_head_config(preset).arch, aux_weight=aux_weight)
     cfg = dict(steps=steps, batch_size=32, lr=2e-3, warmup_steps=5, val_fraction=0.25, val_every=20, ckpt_every=1000)
     cfg.update(train_kw)
     return RunConfig(arch=arch, train=TrainConfig(**cfg), preset=preset)
@@ -255,6 +256,12 @@ def test_aux_weight_needs_a_dataset_with_targets_and_a_config_that_agrees(data_d
         dataclasses.replace(config, aux_target_names=("x",))
     with pytest.raises(ValueError, match="aux_weight must be finite"):
         dataclasses.replace(config.arch, aux_weight=float("nan"))
+    # First frames for a loss that is not there would be silently ignored: refused instead.
+    with pytest.raises(ValueError, match="needs an auxiliary loss"):
+        _run("mol+mlp", aux_first_frames=3)
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "d"), "--config", "mol+mlp",
+                       "--steps", "1", "--aux-first-frames", "3", "--no-progress"]) == 2
+    assert "--aux-weight" in capsys.readouterr().err
 
 
 def test_frame_positions_count_within_each_episode_whatever_the_storage_order():
@@ -271,12 +278,23 @@ def test_aux_first_frames_learns_the_targets_from_each_episodes_first_frames_onl
     picked = aux_sample_indices(ds, train_idx, first_frames=2)
     assert len(picked) == 2 * len(np.unique(ds.episode_index[train_idx]))
     assert set(ds.frame_index[picked]) == {0, 1}
-    run = _run("mol+mlp", steps=60, lr=5e-3, aux_first_frames=2)
-    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    run = _run("mol+mlp", steps=60, aux_weight=1.0, lr=5e-3, aux_first_frames=2)
     result = train(aux_data_dir, tmp_path / "ckpt", run, progress=False, plot=False)
     assert result.val_aux_rmse[-1][1] < 0.5 * result.val_aux_rmse[0][1], result.val_aux_rmse
     with pytest.raises(ValueError, match="aux_first_frames"):
         TrainConfig(aux_first_frames=-1)
+
+
+def test_first_frame_validation_samples_are_picked_before_the_split_is_thinned(aux_data_dir):
+    from m2vla_core.training.trainer import validation_indices
+
+    ds = FeatureDataset(aux_data_dir)
+    _, val_split = ds.split_by_episode(0.25, seed=0)
+    first = int((ds.frame_index[val_split] < 2).sum())  # 2 per validation episode
+    val_idx, aux_idx = validation_indices(ds, val_split, TrainConfig(aux_first_frames=2, val_max_samples=first))
+    assert len(val_idx) == first and len(aux_idx) == first
+    assert (ds.frame_index[aux_idx] < 2).all()
+    assert (ds.frame_index[val_idx] < 2).sum() < first  # thinning the split first would have lost them
 
 
 def test_absent_aux_targets_are_left_out_of_the_loss_and_the_error(aux_data_dir, tmp_path):
@@ -298,4 +316,6 @@ def test_absent_aux_targets_are_left_out_of_the_loss_and_the_error(aux_data_dir,
     assert all(np.isfinite(rmse)) and rmse[-1] < rmse[0], rmse
     head = load_head(tmp_path / "ckpt")
     assert head.aux_predictor.target_mean[1] == 0.0 and head.aux_predictor.target_std[1] == 1.0  # never seen
+    unknown = np.flatnonzero(torch.isnan(FeatureDataset(copy).aux_targets).all(1).numpy())
+    assert len(unknown) and math.isnan(aux_rmse(head, FeatureDataset(copy), unknown))  # no error where nothing is known
     assert torch.isfinite(head.aux_predictor.target_mean).all()

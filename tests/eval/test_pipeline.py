@@ -200,6 +200,40 @@ def test_eval_scores_where_a_position_trained_head_believes_the_objects_are(pipe
     assert errors["cube_first_act"] == pytest.approx(float(np.median(first_acts)))
 
 
+def test_a_belief_diagnostic_is_skipped_with_a_warning_where_the_predictor_is_absent(pipeline, tmp_path, caplog):
+    import dataclasses
+    import logging
+    import shutil
+
+    from m2vla_core.evaluation.agent import named_object_belief, object_position_head
+    from m2vla_core.heads import load_head
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, OBJECT_XY_NAMES, object_keys
+
+    _object_target_features(pipeline, tmp_path / "targets")
+    ckpt = tmp_path / "ckpt"
+    assert train_main(["--data", str(tmp_path / "targets"), "--out", str(ckpt), "--config", "mol+mlp", "--steps", "1",
+                       "--aux-weight", "1", "--no-progress"]) == 0
+    config = load_head(ckpt).config
+    assert object_position_head(ckpt, config) is not None
+    onnx_only = tmp_path / "onnx_only"  # a head shipped as its ONNX graph alone
+    shutil.copytree(ckpt, onnx_only)
+    (onnx_only / "model.safetensors").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert object_position_head(onnx_only, config) is None
+    assert "no model.safetensors" in caplog.text
+    named = dataclasses.replace(config, aux_target_names=NAMED_OBJECT_XY_NAMES)
+    assert object_position_head(ckpt, named) is not None  # taught the named cube and target alone
+    other = dataclasses.replace(config, aux_target_names=("goal_0",))
+    with caplog.at_level(logging.WARNING):
+        assert object_position_head(ckpt, other) is None
+    assert "not object positions" in caplog.text
+    # A named-only prediction is the named objects' x, y as is; an every-object one is looked up by key.
+    keys = object_keys()[3], object_keys()[5]
+    every = np.arange(len(OBJECT_XY_NAMES), dtype=np.float32)
+    np.testing.assert_array_equal(named_object_belief(every, keys), [6, 7, 10, 11])
+    np.testing.assert_array_equal(named_object_belief(every[:4], keys), every[:4])
+
+
 def test_privileged_state_refuses_a_recording_whose_seed_now_gives_another_layout(pipeline, tmp_path):
     import shutil
 

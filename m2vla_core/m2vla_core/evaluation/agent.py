@@ -8,12 +8,13 @@ So a success rate measured here is the success rate of the shipped nodes' model 
 A diagnostic head trained with ``m2vla features --privileged-state`` also reads the named
 objects' true positions (``Observation.named_objects_xy``), optionally moved by a fixed error
 to ask how precise perception would have to be. A head trained to predict them
-(``--object-targets``) is asked at every act where it believes they are
-(``object_errors_m``): in closed loop, on layouts it never saw.
+(``--object-targets``) is asked, for every act, where it believed they were
+(``object_errors_m``, outside the timed act): in closed loop, on layouts it never saw.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -23,25 +24,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 
 def object_position_head(checkpoint: str | os.PathLike, config):
-    """The torch head of a checkpoint whose auxiliary targets are the objects' x, y, else None.
+    """The torch head of a checkpoint whose auxiliary targets are objects' x, y (every object's,
+    or the named cube's and target's), else None.
 
-    The ONNX graph holds only the action path; the position predictor is in the safetensors.
+    The ONNX graph holds only the action path; the position predictor is in the safetensors, so a
+    checkpoint shipped as ONNX alone gets no belief diagnostic (logged, not an error).
     """
     from m2vla_core.heads.checkpoint import load_head
-    from m2vla_core.sim.tasks import OBJECT_XY_NAMES
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, OBJECT_XY_NAMES
 
-    if tuple(config.aux_target_names) != OBJECT_XY_NAMES:
+    names = tuple(config.aux_target_names)
+    if not names:
+        return None
+    if names not in (OBJECT_XY_NAMES, NAMED_OBJECT_XY_NAMES):
+        log.warning("%s: auxiliary targets %s are not object positions; no belief diagnostic", checkpoint, names)
+        return None
+    if not (Path(checkpoint) / "model.safetensors").is_file():
+        log.warning("%s: no model.safetensors beside the ONNX graph; the position predictor is not there, "
+                    "no belief diagnostic", checkpoint)
         return None
     return load_head(checkpoint)
 
 
 def named_object_belief(believed_xy: np.ndarray, keys: tuple[str, str]) -> np.ndarray:
-    """(4,) the named cube's and target's x, y out of a prediction ordered by ``OBJECT_XY_NAMES``."""
-    from m2vla_core.sim.tasks import object_keys
+    """(4,) the named cube's and target's x, y out of a prediction ordered by ``OBJECT_XY_NAMES``,
+    or a prediction of the named ones alone (``NAMED_OBJECT_XY_NAMES``, taken as is)."""
+    from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, object_keys
 
     rows = np.asarray(believed_xy).reshape(-1, 2)  # (objects, 2)
+    if len(rows) * 2 == len(NAMED_OBJECT_XY_NAMES):
+        return rows.reshape(4)
     return np.concatenate([rows[object_keys().index(key)] for key in keys])
 
 
@@ -86,7 +102,8 @@ class VLAAgent:
         # A head trained to predict the objects' x, y (``m2vla features --object-targets``) says
         # per act where it believes the named ones are; the sim knows where they are.
         self.aux_head = aux_head
-        self.object_errors_m: list[tuple[float, float]] = []  # per act(): (cube, target) distance [m]
+        self._object_errors_m: list[tuple[float, float]] = []
+        self._pending_beliefs: list[tuple] = []  # acts whose belief is not computed yet (see object_errors_m)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -155,12 +172,21 @@ class VLAAgent:
         self.backbone_ms.append((t1 - t0) * 1e3)
         self.head_ms.append((t2 - t1) * 1e3)
         if self.aux_head is not None and observation.named_objects_xy is not None and observation.named_object_keys:
+            self._pending_beliefs.append((hidden, mask, state, np.asarray(observation.named_objects_xy),
+                                          tuple(observation.named_object_keys)))
+        return chunk
+
+    @property
+    def object_errors_m(self) -> list[tuple[float, float]]:
+        """Per act(): (cube, target) distance [m] between where the head believes the named objects
+        are and where they are. Computed when read, so the diagnostic stays out of act()'s latency."""
+        for hidden, mask, state, true_xy, keys in self._pending_beliefs:
             believed = self.aux_head.predict_aux(torch.as_tensor(hidden)[None], torch.as_tensor(mask)[None],
                                                  torch.as_tensor(state)[None])[0].numpy()  # (2 * objects,)
-            named = named_object_belief(believed, observation.named_object_keys)  # (4,)
-            error = (named - observation.named_objects_xy).reshape(2, 2)  # rows: cube, target
-            self.object_errors_m.append(tuple(float(e) for e in np.hypot(error[:, 0], error[:, 1])))
-        return chunk
+            error = (named_object_belief(believed, keys) - true_xy).reshape(2, 2)  # rows: cube, target
+            self._object_errors_m.append(tuple(float(e) for e in np.hypot(error[:, 0], error[:, 1])))
+        self._pending_beliefs.clear()
+        return self._object_errors_m
 
     def state(self, observation) -> np.ndarray:
         """(S,) the head's state input: the joints, then the privileged positions if it reads them."""

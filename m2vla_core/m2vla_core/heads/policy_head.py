@@ -146,7 +146,9 @@ class PolicyHead(nn.Module):
         """The auxiliary targets (B, K) in their own units (e.g. metres), for diagnostics."""
         if self.aux_predictor is None:
             raise RuntimeError("this head was trained without auxiliary targets (arch.aux_weight = 0)")
-        _, aux_n = self.forward_training(features, mask, state)
+        self.check_inputs(features, mask, state)
+        latent, _ = self.mol(features, mask, self.normalizer.normalize_state(state))  # (B, Q + keypoints, d)
+        aux_n = self.aux_predictor(latent.flatten(1))  # (B, K); no action decoding needed
         return aux_n * self.aux_predictor.target_std + self.aux_predictor.target_mean
 
     def _decode(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor, latent: torch.Tensor,

@@ -59,10 +59,8 @@ def train_main(argv: list[str]) -> int:
             run = resolve_run_config(args.config)
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
                                        ("aux_first_frames", args.aux_first_frames)) if v is not None}
-        if overrides:
-            run = replace(run, train=replace(run.train, **overrides))
-        if args.aux_weight is not None:
-            run = replace(run, arch=replace(run.arch, aux_weight=args.aux_weight))
+        arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
+        run = replace(run, arch=arch, train=replace(run.train, **overrides))  # one check of both together
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
                        stop_after=args.stop_after)
     except (ConfigError, CheckpointError, DatasetError, ValueError) as exc:

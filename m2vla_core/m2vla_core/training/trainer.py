@@ -93,6 +93,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""  # informational: the preset this run started from
 
+    def __post_init__(self) -> None:
+        if self.train.aux_first_frames and not self.arch.aux_weight:
+            raise ValueError(f"TrainConfig.aux_first_frames = {self.train.aux_first_frames} needs an auxiliary loss "
+                             f"(arch.aux_weight > 0, `--aux-weight`); without one it would be silently ignored")
+
 
 def saved_run_config(out_dir: str | os.PathLike) -> RunConfig:
     """The RunConfig a checkpoint directory was trained with (for ``--resume`` without ``--config``)."""
@@ -161,7 +166,8 @@ def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarr
 
 @torch.no_grad()
 def aux_rmse(head: PolicyHead, dataset: FeatureDataset, idx: np.ndarray, batch_size: int = 256) -> float:
-    """RMS error of the auxiliary prediction over samples ``idx`` (present targets), in their units (e.g. m)."""
+    """RMS error of the auxiliary prediction over samples ``idx`` (present targets), in their units (e.g. m);
+    NaN when no target is present there."""
     was_training = head.training
     head.eval()
     squared, count = 0.0, 0
@@ -172,7 +178,22 @@ def aux_rmse(head: PolicyHead, dataset: FeatureDataset, idx: np.ndarray, batch_s
         squared += float(err[present].pow(2).sum())
         count += int(present.sum())
     head.train(was_training)
-    return math.sqrt(squared / max(count, 1))
+    return math.sqrt(squared / count) if count else math.nan
+
+
+def _thin(idx: np.ndarray, max_samples: int) -> np.ndarray:
+    """At most ``max_samples`` of ``idx``, spread evenly over it."""
+    return idx[:: max(1, len(idx) // max_samples)][:max_samples]
+
+
+def validation_indices(dataset: FeatureDataset, val_split: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(action validation samples, auxiliary validation samples), each at most ``cfg.val_max_samples``.
+
+    The auxiliary ones are picked from the whole split before thinning: first frames are few, and
+    every-k thinning of the split would keep almost none of them.
+    """
+    aux = aux_sample_indices(dataset, val_split, cfg.aux_first_frames)
+    return _thin(val_split, cfg.val_max_samples), _thin(aux, cfg.val_max_samples)
 
 
 def aux_sample_indices(dataset: FeatureDataset, idx: np.ndarray, first_frames: int) -> np.ndarray:
@@ -251,8 +272,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     cfg = run.train
     data_dir, out = Path(data_dir), Path(out_dir)
     dataset = FeatureDataset(data_dir)
-    train_idx, val_idx = dataset.split_by_episode(cfg.val_fraction, seed=cfg.seed)
-    val_idx = val_idx[:: max(1, len(val_idx) // cfg.val_max_samples)][: cfg.val_max_samples]
+    train_idx, full_val_idx = dataset.split_by_episode(cfg.val_fraction, seed=cfg.seed)
+    val_idx, aux_val_idx = validation_indices(dataset, full_val_idx, cfg)
     history: dict[str, list] = {"train": [], "val": []}
     torch.manual_seed(cfg.seed)
     if resume:
@@ -286,14 +307,14 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     t0 = time.perf_counter()
 
     aux_train_idx = aux_sample_indices(dataset, train_idx, cfg.aux_first_frames)
-    aux_val_idx = aux_sample_indices(dataset, val_idx, cfg.aux_first_frames)
     if head.aux_predictor is not None and not len(aux_train_idx):
         raise DatasetError(f"{data_dir}: no training samples for the auxiliary loss")
 
     def validate(step: int) -> None:
         history["val"].append((step, validation_loss(head, dataset, val_idx)))
-        if head.aux_predictor is not None and len(aux_val_idx):
-            history.setdefault("val_aux_rmse", []).append((step, aux_rmse(head, dataset, aux_val_idx)))
+        rmse = aux_rmse(head, dataset, aux_val_idx) if head.aux_predictor is not None and len(aux_val_idx) else math.nan
+        if math.isfinite(rmse):  # nothing to report where no target is present (and JSON has no NaN)
+            history.setdefault("val_aux_rmse", []).append((step, rmse))
 
     if start == 0 and len(val_idx) and not history["val"]:
         validate(0)  # the untrained baseline

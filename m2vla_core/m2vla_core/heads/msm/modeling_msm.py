@@ -128,7 +128,7 @@ class MetaSkillModule(nn.Module):
 
     def forward(self, latent: torch.Tensor, state_n: torch.Tensor, key: torch.Tensor,
                 exclude_episode: torch.Tensor | None = None) -> torch.Tensor:
-        """latent (B, Q, d), state_n (B, S), key (B, K) -> normalised chunk (B, H, A)."""
+        """latent (B, Q + keypoints, d), state_n (B, S), key (B, K) -> normalised chunk (B, H, A)."""
         cfg = self.config
         retrieved, dist, _ = self.memory.query(key, cfg.top_k, exclude_episode)  # (B, k, H, A), (B, k)
         ret_tokens = self.retrieved_proj(retrieved.flatten(2)) + self.distance_proj(dist[..., None]) + self.rank_embed  # (B, k, d)
