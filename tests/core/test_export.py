@@ -28,6 +28,10 @@ def _head(preset: str = "mol+msm", **mol) -> PolicyHead:
         gen = torch.Generator().manual_seed(1)
         head.action_head.memory.set(torch.randn(64, cfg.contract.width + 8, generator=gen),
                                     torch.randn(64, 16, 8, generator=gen), torch.arange(64))
+    if head.mol.config.feature_norm == "standardize":
+        gen = torch.Generator().manual_seed(2)
+        shape = head.mol.feature_mean.shape
+        head.mol.set_feature_stats(torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) + 0.5)
     with torch.no_grad():  # leave the zero-initialised residual path: every branch must matter in parity
         for p in head.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -40,7 +44,8 @@ def ckpt(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("preset,mol", [("mol+msm", {}), ("mol+skills", {}), ("last+mlp", {}), ("scalar+mlp", {}),
-                                        ("mol+msm", {"top_k": 2})])
+                                        ("mol+msm", {"top_k": 2}),
+                                        ("mol+msm", {"top_k": 2, "feature_norm": "standardize"})])
 def test_onnx_matches_torch_for_every_batch_size(tmp_path, preset, mol):
     head = _head(preset, **mol)
     result = export_onnx(head, tmp_path / "h.onnx")

@@ -176,3 +176,35 @@ def test_keypoints_find_a_token_by_its_features_as_the_instruction_asks_and_join
     assert head(features, mask, state).shape == (5, 16, 8)
     with pytest.raises(ValueError, match="num_keypoints"):
         MoLConfig(num_keypoints=-1)
+
+
+@pytest.mark.parametrize("mix,extra", [("fixed", {"fixed_layer": 2}), ("uniform", {}), ("router", {}),
+                                       ("router", {"top_k": 2})])
+def test_standardized_features_see_past_a_component_every_token_shares(mix, extra):
+    head = _head(mix, feature_norm="standardize", **extra)
+    features, mask, state = _inputs(head)
+    shared = 50.0 * torch.randn(head.config.contract.shape[0], 1, head.config.contract.shape[2])  # (L, 1, D)
+
+    def stats(x):  # per layer and dimension, over samples and valid tokens
+        tokens = x.permute(1, 3, 0, 2)[:, :, mask]  # (L, D, valid tokens)
+        return tokens.mean(-1), tokens.std(-1, unbiased=False)
+
+    head.mol.set_feature_stats(*stats(features))
+    plain = head(features, mask, state)
+    head.mol.set_feature_stats(*stats(features + shared))
+    torch.testing.assert_close(head(features + shared, mask, state), plain, atol=1e-4, rtol=1e-4)
+    rms = _head(mix, **extra)  # scales each token by its own size: the shared part swamps the rest
+    assert (rms(features + shared, mask, state) - rms(features, mask, state)).abs().max() > 1e-2
+
+
+def test_feature_stats_are_refused_when_malformed_or_not_used():
+    head = _head("router", feature_norm="standardize")
+    shape = head.mol.feature_mean.shape
+    with pytest.raises(ValueError, match="std > 0"):
+        head.mol.set_feature_stats(torch.zeros(shape), torch.zeros(shape))
+    with pytest.raises(ValueError, match="shaped"):
+        head.mol.set_feature_stats(torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="standardize"):
+        _head("router").mol.set_feature_stats(torch.zeros(shape), torch.ones(shape))
+    with pytest.raises(ValueError, match="feature_norm"):
+        MoLConfig(feature_norm="layer")

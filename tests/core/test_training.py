@@ -319,3 +319,17 @@ def test_absent_aux_targets_are_left_out_of_the_loss_and_the_error(aux_data_dir,
     unknown = np.flatnonzero(torch.isnan(FeatureDataset(copy).aux_targets).all(1).numpy())
     assert len(unknown) and math.isnan(aux_rmse(head, FeatureDataset(copy), unknown))  # no error where nothing is known
     assert torch.isfinite(head.aux_predictor.target_mean).all()
+
+
+def test_a_standardizing_head_is_trained_with_its_training_splits_feature_stats_and_keeps_them(data_dir, tmp_path):
+    run = _run("mol+mlp", steps=2)
+    run = dataclasses.replace(run, arch=dataclasses.replace(
+        run.arch, mol=dataclasses.replace(run.arch.mol, feature_norm="standardize")))
+    train(data_dir, tmp_path / "ckpt", run, progress=False, plot=False)
+    ds = FeatureDataset(data_dir)
+    train_idx, _ = ds.split_by_episode(run.train.val_fraction, seed=run.train.seed)
+    hidden = ds.hidden[torch.as_tensor(train_idx)].double()  # (N, L, T, D)
+    tokens = hidden.permute(1, 3, 0, 2)[:, :, ds.mask[torch.as_tensor(train_idx)]]  # (L, D, valid tokens)
+    head = load_head(tmp_path / "ckpt")
+    torch.testing.assert_close(head.mol.feature_mean, tokens.mean(-1).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(head.mol.feature_std, tokens.std(-1, unbiased=False).float(), atol=1e-4, rtol=1e-3)

@@ -215,6 +215,27 @@ def set_aux_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.ndarr
     head.aux_predictor.set_stats(mean.astype(np.float32), std.astype(np.float32))
 
 
+def set_feature_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.ndarray,
+                      max_samples: int = 4096, batch_size: int = 256) -> None:
+    """Per layer and dimension mean and std of the training split's valid tokens, for a MoL that
+    standardises its features (no-op otherwise). Up to ``max_samples`` samples spread over the split."""
+    if head.mol.config.feature_norm != "standardize":
+        return
+    idx = _thin(train_idx, max_samples)
+    total = sq = None
+    count = 0
+    for start in range(0, len(idx), batch_size):
+        batch = dataset.batch(idx[start:start + batch_size])
+        weight = batch["mask"][:, None, :, None].double()  # (B, 1, T, 1): padding left out
+        x = batch["hidden"].double() * weight  # (B, L, T, D)
+        total = x.sum((0, 2)) + (0 if total is None else total)  # (L, D)
+        sq = (x * x).sum((0, 2)) + (0 if sq is None else sq)
+        count += int(batch["mask"].sum())
+    mean = total / count
+    std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(head.mol.config.eps)
+    head.mol.set_feature_stats(mean.float(), std.float())
+
+
 def _optimizer(head: PolicyHead, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -298,6 +319,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         head = PolicyHead(dataset.meta.head_config(run.arch))
         dataset_stats(dataset, train_idx).apply_to(head)
         set_aux_stats(head, dataset, train_idx)
+        set_feature_stats(head, dataset, train_idx)
         if head.uses_memory:
             kept = head.build_memory(dataset, train_idx)
             log.info("skill memory: %d entries from %d training samples", kept, len(train_idx))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 MIX_MODES = ("last", "fixed", "uniform", "scalar", "router")
 TOKEN_POS_INITS = ("random", "grid")
+FEATURE_NORMS = ("rms", "standardize")
 
 
 @dataclass
@@ -20,6 +21,12 @@ class MoLConfig:
     num_queries: int = 8  # learned queries -> compact latent (B, num_queries, d_model)
     num_heads: int = 4
     eps: float = 1e-6  # RMS norm epsilon
+    # How each layer's tokens are scaled before the mix. rms: each token by its own RMS (scale-free,
+    # keeps what all tokens share); standardize: each feature dimension by the training split's
+    # mean and std over tokens (``MixtureOfLayers.set_feature_stats``), as the probe does: it
+    # removes the component every token shares, which in an untrained backbone can dwarf what
+    # tells one place from another.
+    feature_norm: str = "rms"
     # How the learned token positions start. random: small noise; grid: the image tokens start at
     # 2-D sine / cosine codes of their place in the token grid (``image_grid_embedding``), so the
     # queries' attention can carry where an object is. Training moves them either way.
@@ -49,5 +56,7 @@ class MoLConfig:
                 raise ValueError(f"MoLConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.token_pos_init not in TOKEN_POS_INITS:
             raise ValueError(f"MoLConfig.token_pos_init must be one of {TOKEN_POS_INITS}, got {self.token_pos_init!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"MoLConfig.feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         if not self.eps > 0:
             raise ValueError(f"MoLConfig.eps must be > 0, got {self.eps}")

@@ -1,4 +1,4 @@
-"""Mixture of Layers: per-layer RMS norm, a layer mix (fixed, static or routed), then learned
+"""Mixture of Layers: per-layer norm (RMS, or standardised by training statistics), a layer mix (fixed, static or routed), then learned
 queries cross-attend to the mixed tokens and give a compact latent (plus, optionally, one
 token per instruction-conditioned spatial keypoint: ``SpatialKeypoints``).
 
@@ -57,7 +57,10 @@ class MixtureOfLayers(nn.Module):
         self.num_layers = len(contract.layers)
         self.fixed_pos = fixed_pos  # position read by mix="fixed"
         self.router_pos = router_pos
-        self.layer_gain = nn.Parameter(torch.ones(self.num_layers, contract.width))  # per-layer RMS norm gain
+        self.layer_gain = nn.Parameter(torch.ones(self.num_layers, contract.width))  # per-layer norm gain
+        if config.feature_norm == "standardize":  # set from the training split; saved with the head
+            self.register_buffer("feature_mean", torch.zeros(self.num_layers, contract.width))
+            self.register_buffer("feature_std", torch.ones(self.num_layers, contract.width))
         if config.mix == "scalar":
             self.mix_logits = nn.Parameter(torch.zeros(self.num_layers))
         if config.mix == "router":
@@ -72,8 +75,27 @@ class MixtureOfLayers(nn.Module):
         self.keypoints = (SpatialKeypoints(d_model, config.num_keypoints, config.keypoint_hidden,
                                            contract.num_image_tokens) if config.num_keypoints else None)
 
-    def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return rms_normalize(x, self.config.eps) * gain
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per layer and dimension (n_layers, D) mean and std of the features (feature_norm="standardize")."""
+        if self.config.feature_norm != "standardize":
+            raise RuntimeError(f"feature statistics are for feature_norm='standardize', not {self.config.feature_norm!r}")
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise ValueError(f"feature stats shaped {tuple(mean.shape)}, {tuple(std.shape)}; "
+                             f"expected {tuple(self.feature_mean.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("feature stats must be finite with std > 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def _scale(self, x: torch.Tensor, layer) -> torch.Tensor:
+        """x (..., T, D) of the layers ``layer`` indexes (an int, a slice or a (B, k) tensor)."""
+        if self.config.feature_norm == "standardize":
+            return (x - self.feature_mean[layer].unsqueeze(-2)) / self.feature_std[layer].unsqueeze(-2)
+        return rms_normalize(x, self.config.eps)
+
+    def _norm(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return self._scale(x, layer) * self.layer_gain[layer].unsqueeze(-2)
 
     def _mix(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> mixed tokens (B, T, D) and dense layer weights (B, n_layers)."""
@@ -83,28 +105,27 @@ class MixtureOfLayers(nn.Module):
             pos = n_layers - 1 if mode == "last" else self.fixed_pos
             weights = torch.zeros(n_layers, dtype=features.dtype, device=features.device)
             weights[pos] = 1.0
-            return self._norm(features[:, pos], self.layer_gain[pos]), weights.expand(batch, n_layers)  # (B, L)
+            return self._norm(features[:, pos], pos), weights.expand(batch, n_layers)  # (B, T, D), (B, L)
         if mode in ("uniform", "scalar"):
             if mode == "uniform":
                 w = torch.full((n_layers,), 1.0 / n_layers, dtype=features.dtype, device=features.device)
             else:
                 w = torch.softmax(self.mix_logits, dim=0)
-            normed = self._norm(features, self.layer_gain[:, None, :])  # (B, L, T, D)
+            normed = self._norm(features, slice(None))  # (B, L, T, D)
             mixed = (normed * w[None, :, None, None]).sum(dim=1)  # (B, T, D)
             return mixed, w.expand(batch, n_layers)  # (B, T, D), (B, L)
-        summary = masked_mean(rms_normalize(features[:, self.router_pos], self.config.eps), mask)  # (B, D)
+        summary = masked_mean(self._scale(features[:, self.router_pos], self.router_pos), mask)  # (B, D)
         logits = self.router(torch.cat([summary, state_n], dim=-1))  # (B, L)
         if not self.config.top_k:
             w = torch.softmax(logits, dim=-1)  # (B, L)
-            normed = self._norm(features, self.layer_gain[:, None, :])  # (B, L, T, D)
+            normed = self._norm(features, slice(None))  # (B, L, T, D)
             return (normed * w[:, :, None, None]).sum(dim=1), w
         top_logits, top_idx = torch.topk(logits, self.config.top_k, dim=-1)  # (B, k)
         w_top = torch.softmax(top_logits, dim=-1)  # (B, k)
         _, _, tokens, width = features.shape
         gather_idx = top_idx[:, :, None, None].expand(-1, -1, tokens, width)  # (B, k, T, D)
         picked = torch.gather(features, 1, gather_idx)  # (B, k, T, D): only these layers are read
-        gains = self.layer_gain[top_idx]  # (B, k, D)
-        normed = self._norm(picked, gains[:, :, None, :])  # (B, k, T, D)
+        normed = self._norm(picked, top_idx)  # (B, k, T, D)
         mixed = (normed * w_top[:, :, None, None]).sum(dim=1)  # (B, T, D)
         dense = torch.zeros_like(logits).scatter(1, top_idx, w_top)  # (B, L), zeros off the top-k
         return mixed, dense
