@@ -94,6 +94,8 @@ def load_json(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 JSON text file") from exc
+    except OSError as exc:  # missing, a directory, unreadable
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
     return from_dict(cls, data, _where=path.name)
 
 

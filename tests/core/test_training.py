@@ -184,6 +184,9 @@ def test_cli_reads_a_json_run_config_strictly(data_dir, tmp_path, capsys):
     cfg.write_text(json.dumps({"train": {"batch_sise": 8}}))
     assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "k"), "--config", str(cfg)]) == 2
     assert "did you mean 'batch_size'" in capsys.readouterr().err
+    missing = tmp_path / "no_such_run.json"
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "m"), "--config", str(missing)]) == 2
+    assert f"{missing}: cannot read the config file" in capsys.readouterr().err
 
 
 def test_cli_resume_reuses_the_runs_own_config(data_dir, tmp_path, capsys):
