@@ -1,6 +1,7 @@
-"""Mixture of Layers: per-layer norm (RMS, or standardised by training statistics), a layer mix (fixed, static or routed), then learned
-queries cross-attend to the mixed tokens and give a compact latent (plus, optionally, one
-token per instruction-conditioned spatial keypoint: ``SpatialKeypoints``).
+"""Mixture of Layers: per-layer norm (RMS, or standardised by training statistics), a layer mix
+(fixed, static or routed), then learned queries cross-attend to the mixed tokens and give a
+compact latent (plus, optionally, one token per instruction-conditioned spatial keypoint:
+``SpatialKeypoints``).
 
 With ``mix="router"`` and ``top_k=k`` only k layers per sample are gathered from the input
 (the others are never read, so they get no gradient and cannot change the output); the
