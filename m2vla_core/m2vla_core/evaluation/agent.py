@@ -34,7 +34,7 @@ def object_position_head(checkpoint: str | os.PathLike, config):
     The ONNX graph holds only the action path; the position predictor is in the safetensors, so a
     checkpoint shipped as ONNX alone gets no belief diagnostic (logged, not an error).
     """
-    from m2vla_core.heads.checkpoint import load_head
+    from m2vla_core.heads.checkpoint import WEIGHTS_NAME, load_head
     from m2vla_core.sim.tasks import NAMED_OBJECT_XY_NAMES, OBJECT_XY_NAMES
 
     names = tuple(config.aux_target_names)
@@ -43,7 +43,7 @@ def object_position_head(checkpoint: str | os.PathLike, config):
     if names not in (OBJECT_XY_NAMES, NAMED_OBJECT_XY_NAMES):
         log.warning("%s: auxiliary targets %s are not object positions; no belief diagnostic", checkpoint, names)
         return None
-    if not (Path(checkpoint) / "model.safetensors").is_file():
+    if not (Path(checkpoint) / WEIGHTS_NAME).is_file():
         log.warning("%s: no model.safetensors beside the ONNX graph; the position predictor is not there, "
                     "no belief diagnostic", checkpoint)
         return None
