@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("m2vla_core.evaluation.cli:eval_main", "closed-loop evaluation in the PyBullet suite"),
     "ablate": ("m2vla_core.evaluation.ablate:cli_main", "train + evaluate the ablation variants"),
     "probe": ("m2vla_core.evaluation.probe:main", "can a backbone's features locate the cubes? (before training)"),
+    "localiser": ("m2vla_core.training.localiser:main", "fit the object localiser a privileged-state head reads"),
     "bench": ("m2vla_core.bench.cli:bench_main", "benchmarks: head, backbone, text actions, ..."),
     "pack": ("m2vla_core.packs.cli:pack_main", "skill packs: train per task family, combine with a router, eval"),
     "text-baseline": ("m2vla_core.baselines.cli:text_baseline_main", "VLM2VLA-style actions-as-text LoRA baseline"),

@@ -302,6 +302,57 @@ def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_
         engine.state_joint_names  # noqa: B018 - the policy node asks this before it accepts a head
 
 
+def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(pipeline, tmp_path):
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.export.cli import export_main
+    from m2vla_core.sim import TaskEnv
+    from m2vla_core.training.localiser import main as localiser_main
+
+    _privileged_features(pipeline, tmp_path / "priv")
+    ckpt = tmp_path / "ckpt"
+    assert train_main(["--data", str(tmp_path / "priv"), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
+                       "--no-progress"]) == 0
+    assert export_main([str(ckpt)]) == 0
+    assert localiser_main(["--out", str(ckpt), "--tasks", "reach_above", "--episodes-per-task", "4",
+                           "--image-size", "56", "--steps", "5", "--restarts", "0", "--no-progress"]) == 0
+    assert json.loads((ckpt / "localiser_fit.json").read_text())["layouts"]["val"] == 1
+
+    agent = VLAAgent.load(ckpt)
+    assert agent.localiser is not None
+    assert agent.sim_config().image_width == 224  # the larger of the head's (default 224) and the localiser's 56
+    with TaskEnv(agent.sim_config()) as env:
+        obs = env.reset("reach_above", 1000)
+        agent.reset()
+        agent.act(obs)
+        perceived = agent.state(obs)[8:]
+        assert not np.allclose(perceived, obs.named_objects_xy)  # not the simulator's truth: an untrained guess
+        expected = agent.perceive(obs.image, obs.instruction)
+        np.testing.assert_array_equal(perceived, expected)
+        agent.act(env.step(obs.joint_positions.astype(np.float32)))
+        np.testing.assert_array_equal(agent.state(obs)[8:], expected)  # read once per episode
+    error = np.hypot(*(perceived - obs.named_objects_xy).reshape(2, 2).T)
+    np.testing.assert_allclose(agent.object_errors_m[0], error, rtol=1e-6)
+
+    json_path = tmp_path / "eval.json"
+    assert eval_main(["--policy", str(ckpt), "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",
+                      "--json", str(json_path), "--no-progress"]) == 0
+    assert "cube_first_act" in json.loads(json_path.read_text())["object_error_m_p50"]
+
+
+def test_a_localiser_beside_a_head_that_reads_no_positions_is_refused(pipeline, tmp_path):
+    import shutil
+
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.training.localiser import main as localiser_main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pipeline["ckpt"], ckpt)
+    assert localiser_main(["--out", str(ckpt), "--tasks", "reach_above", "--episodes-per-task", "3",
+                           "--image-size", "56", "--steps", "2", "--restarts", "0", "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="privileged-state"):
+        VLAAgent.load(ckpt)
+
+
 def test_eval_refuses_a_privileged_error_for_a_head_that_reads_no_privileged_state(pipeline, capsys):
     assert eval_main(["--policy", str(pipeline["ckpt"]), "--episodes", "1", "--tasks", "reach_above",
                       "--max-steps", "4", "--privileged-error-cm", "2", "--no-progress"]) == 2

@@ -10,6 +10,10 @@ objects' true positions (``Observation.named_objects_xy``), optionally moved by 
 to ask how precise perception would have to be. A head trained to predict them
 (``--object-targets``) is asked, for every act, where it believed they were
 (``object_errors_m``, outside the timed act): in closed loop, on layouts it never saw.
+
+A privileged-state head with an object localiser beside it (``m2vla localiser --out CKPT``)
+needs no simulator truth: at the first act after ``reset`` the localiser reads the named
+objects' positions from the camera frame once, and every act of the episode gets them.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def perturb_named_objects(xy: np.ndarray, error_m: float) -> np.ndarray:
 class VLAAgent:
     """Frozen backbone + trained head behind the rollout ``Agent`` protocol (``reset`` / ``act``)."""
 
-    def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0, aux_head=None) -> None:
+    def __init__(self, backbone, policy, *, privileged_error_m: float = 0.0, aux_head=None, localiser=None) -> None:
         from m2vla_core.heads.checkpoint import check_backbone
         from m2vla_core.sim.tasks import reads_privileged_state
 
@@ -97,6 +101,24 @@ class VLAAgent:
             raise ValueError("a privileged error (--privileged-error-cm) needs a head trained on "
                              "`m2vla features --privileged-state`")
         self.privileged_error_m = privileged_error_m
+        self.localiser = localiser
+        self._perceived_xy: np.ndarray | None = None  # the localiser's reading of this episode's first frame
+        if localiser is not None:
+            if not self.privileged:
+                raise ValueError("an object localiser feeds the named objects' positions to a head trained on "
+                                 "`m2vla features --privileged-state`; this head reads none")
+            if privileged_error_m:
+                raise ValueError("a privileged error applies to simulator truth; with a localiser the positions "
+                                 "come from the camera")
+            cfg = localiser.config
+            if (cfg.backbone_id, cfg.backbone_digest) != (backbone.backbone_id, backbone.weights_digest):
+                raise ValueError(f"the localiser was fitted on backbone {cfg.backbone_id!r}, the head runs on "
+                                 f"{backbone.backbone_id!r}")
+            self.localiser_backbone = backbone.at_image_size(cfg.image_size)
+            self.localiser_contract = self.localiser_backbone.contract([cfg.layer], num_text_tokens=cfg.num_text_tokens)
+            if self.localiser_contract.num_image_tokens != cfg.num_image_tokens:
+                raise ValueError(f"the localiser reads {cfg.num_image_tokens} image tokens, the backbone gives "
+                                 f"{self.localiser_contract.num_image_tokens} at {cfg.image_size} px")
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
         # A head trained to predict the objects' x, y (``m2vla features --object-targets``) says
@@ -113,6 +135,7 @@ class VLAAgent:
         (``around``)."""
         from m2vla_core.assets_paths import default_policy_path
         from m2vla_core.export.runtime import HeadPolicy
+        from m2vla_core.heads.localiser import has_localiser, load_localiser
         from m2vla_core.packs.configuration_packs import PACK_SET_NAME
 
         ckpt = Path(checkpoint) if checkpoint else default_policy_path()
@@ -124,14 +147,17 @@ class VLAAgent:
         else:
             policy = HeadPolicy.load(ckpt, backend=backend, device=device)
             aux_head = object_position_head(ckpt, policy.config)
+        localiser = None
+        if has_localiser(ckpt):
+            localiser = load_localiser(ckpt, backbone=(policy.config.backbone_id, policy.config.backbone_digest))
         agent = cls.around(policy, device=device, backbone_path=backbone_path, backbone=backbone,
-                           privileged_error_m=privileged_error_m)
+                           privileged_error_m=privileged_error_m, localiser=localiser)
         agent.aux_head = aux_head
         return agent
 
     @classmethod
     def around(cls, policy, *, device: str = "cpu", backbone_path: str | os.PathLike | None = None, backbone=None,
-               privileged_error_m: float = 0.0) -> "VLAAgent":
+               privileged_error_m: float = 0.0, localiser=None) -> "VLAAgent":
         """An agent for a loaded head or pack set: the backbone it was trained on is loaded at the
         input size its contract names (a given ``backbone`` is checked against it in ``__init__``)."""
         from m2vla_core.backbone.adapter import FrozenBackbone
@@ -140,14 +166,18 @@ class VLAAgent:
         if backbone is None:
             backbone = FrozenBackbone.from_pretrained(backbone_path or default_backbone_path(), device=device,
                                                       image_size=policy.config.contract.image_size or None)
-        return cls(backbone, policy, privileged_error_m=privileged_error_m)
+        return cls(backbone, policy, privileged_error_m=privileged_error_m, localiser=localiser)
 
     def sim_config(self):
         """Simulator settings for this head: its control period, and camera frames of the input
-        size its contract names (the camera's default size when it names none)."""
+        size its contract names (the camera's default size when it names none), or of the
+        localiser's when that is larger (the head's backbone downsizes them, as in training on
+        a recording at that size)."""
         from m2vla_core.sim import SimConfig
 
         size = self.contract.image_size
+        if self.localiser is not None:
+            size = max(size or SimConfig().image_width, self.localiser.config.image_size)
         return SimConfig(control_dt_s=float(self.policy.config.dt_s),
                          **({"image_width": size, "image_height": size} if size else {}))
 
@@ -157,12 +187,15 @@ class VLAAgent:
 
     def reset(self) -> None:
         self.policy.reset()
+        self._perceived_xy = None
 
     def act(self, observation) -> np.ndarray:
         """Observation (image, instruction, joint_positions) -> chunk (H, A) of joint-position targets."""
         if observation.image is None:
             raise ValueError("VLAAgent needs camera images: SimConfig.render must be True")
         t0 = time.perf_counter()
+        if self.localiser is not None and self._perceived_xy is None:
+            self._perceived_xy = self.perceive(observation.image, observation.instruction)
         bundle = self.backbone.extract(observation.image, observation.instruction, self.contract)
         hidden, mask = bundle.numpy()  # (n_layers, T, D), (T,)
         t1 = time.perf_counter()
@@ -171,7 +204,10 @@ class VLAAgent:
         t2 = time.perf_counter()
         self.backbone_ms.append((t1 - t0) * 1e3)
         self.head_ms.append((t2 - t1) * 1e3)
-        if self.aux_head is not None and observation.named_objects_xy is not None and observation.named_object_keys:
+        if self.localiser is not None and observation.named_objects_xy is not None:
+            error = (self._perceived_xy - np.asarray(observation.named_objects_xy)).reshape(2, 2)
+            self._object_errors_m.append(tuple(float(e) for e in np.hypot(error[:, 0], error[:, 1])))
+        elif self.aux_head is not None and observation.named_objects_xy is not None and observation.named_object_keys:
             self._pending_beliefs.append((hidden, mask, state, np.asarray(observation.named_objects_xy),
                                           tuple(observation.named_object_keys)))
         return chunk
@@ -188,11 +224,21 @@ class VLAAgent:
         self._pending_beliefs.clear()
         return self._object_errors_m
 
+    def perceive(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """(4,) the named cube's and target's x, y [m] as the localiser reads them from ``image``."""
+        bundle = self.localiser_backbone.extract(image, instruction, self.localiser_contract)
+        hidden = bundle.hidden[0].float()[None]  # (1, T, D)
+        n_img = self.localiser_contract.num_image_tokens
+        return self.localiser.named_xy(hidden[:, :n_img], hidden[:, n_img:])[0].numpy().astype(np.float32)
+
     def state(self, observation) -> np.ndarray:
-        """(S,) the head's state input: the joints, then the privileged positions if it reads them."""
+        """(S,) the head's state input: the joints, then the named objects' positions if it reads
+        them (from the localiser when it has one, else the simulator's privileged truth)."""
         joints = np.asarray(observation.joint_positions, dtype=np.float32)
         if not self.privileged:
             return joints
+        if self.localiser is not None:
+            return np.concatenate([joints, self._perceived_xy])
         if observation.named_objects_xy is None:
             raise ValueError("this head reads privileged state, and the observation carries no named_objects_xy")
         return np.concatenate([joints, perturb_named_objects(observation.named_objects_xy, self.privileged_error_m)])

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2vla_core.heads.localiser import SpatialProbe
+
 PIXEL_BLOCK = 7  # px: 224 / 8 tokens = 28 px per token -> 4 x 4 blocks of 7 px
 
 
@@ -65,29 +67,6 @@ class SourceResult:
     def selected_val_m(self) -> float:
         """Held-out error of the seed with the best training fit (selection never sees held-out data)."""
         return self.val_median_m[int(np.argmin(self.train_median_m))]
-
-
-class SpatialProbe(torch.nn.Module):
-    """Tokens (B, T, D) on a square grid -> (B, K, 2) positions of K object classes."""
-
-    def __init__(self, dim: int, num_tokens: int, num_classes: int, hidden: int) -> None:
-        super().__init__()
-        side = int(round(num_tokens ** 0.5))
-        if side * side != num_tokens:
-            raise ValueError(f"SpatialProbe needs a square token grid, got {num_tokens} tokens")
-        self.k = num_classes
-        self.detect = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, num_classes))
-        self.offset = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(),
-                                          torch.nn.Linear(hidden, 2 * num_classes))
-        axis = torch.linspace(-1, 1, side)
-        self.token_pos = torch.nn.Parameter(torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(num_tokens, 2))
-        self.to_table = torch.nn.Linear(2, 2)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, t, _ = tokens.shape
-        weights = torch.softmax(self.detect(tokens), dim=1)  # (B, T, K): where each class is
-        pos = self.token_pos[None, :, None, :] + 0.1 * self.offset(tokens).view(b, t, self.k, 2)
-        return self.to_table((weights[..., None] * pos).sum(1))  # (B, K, 2)
 
 
 def split_layouts(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,101 @@
+"""The object localiser: learns where objects are and which ones an instruction names; saved and
+loaded safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from m2vla_core.heads.checkpoint import CheckpointError
+from m2vla_core.heads.localiser import (
+    CONFIG_NAME, WEIGHTS_NAME, LocaliserConfig, ObjectLocaliser, load_localiser, save_localiser,
+)
+from m2vla_core.training.localiser import FirstFrames, LocaliserFitConfig, fit_localiser
+
+KEYS = ("red_cube", "blue_cube", "red_zone")
+SIDE, DIM = 4, 8
+
+
+def _config(**overrides) -> LocaliserConfig:
+    base = dict(backbone_id="tiny", backbone_digest="abc", object_keys=KEYS, image_size=112,
+                num_image_tokens=SIDE * SIDE, num_text_tokens=2, width=DIM, hidden=32)
+    return LocaliserConfig(**{**base, **overrides})
+
+
+def _synthetic_frames(n: int, seed: int = 0) -> FirstFrames:
+    """Each object sits on its own grid cell, whose token carries the object's one-hot; the two
+    instruction tokens carry which object is the cube and which the target (index 3: itself)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 0.05, (n, SIDE * SIDE, DIM)).astype(np.float32)
+    text = np.zeros((n, 2, DIM), np.float32)
+    xy = np.zeros((n, len(KEYS), 2), np.float32)
+    cube, target = rng.integers(0, 2, n), rng.integers(0, len(KEYS) + 1, n)
+    for i in range(n):
+        cells = rng.choice(SIDE * SIDE, len(KEYS), replace=False)
+        for k, cell in enumerate(cells):
+            image[i, cell, k] += 1.0
+            xy[i, k] = (0.4 + 0.1 * (cell // SIDE), -0.15 + 0.1 * (cell % SIDE))
+        text[i, 0, cube[i]] = 1.0
+        text[i, 1, 4 + min(target[i], 3)] = 1.0
+    return FirstFrames(torch.as_tensor(image), torch.as_tensor(text), torch.as_tensor(xy),
+                       torch.as_tensor(cube), torch.as_tensor(target))
+
+
+def test_it_learns_where_each_object_is_and_which_two_the_instruction_names():
+    frames = _synthetic_frames(400)
+    model, report = fit_localiser(_config(), frames, LocaliserFitConfig(steps=600, restarts=(0,)), log=lambda s: None)
+    held_out = report["selected"]["val"]
+    assert held_out["cube_pick_accuracy"] == 1.0 and held_out["target_pick_accuracy"] == 1.0
+    assert held_out["cube_median_m"] < 0.02 and held_out["target_median_m"] < 0.02  # cells are 10 cm apart
+    named = model.named_xy(frames.image_tokens[:50], frames.text_tokens[:50])  # (50, 4)
+    itself = frames.target_index[:50] == len(KEYS)
+    torch.testing.assert_close(named[itself, 2:], named[itself, :2])  # no target: the cube's own position
+
+
+def test_save_and_load_round_trip_gives_the_same_positions(tmp_path):
+    model = ObjectLocaliser(_config()).eval()
+    frames = _synthetic_frames(8)
+    save_localiser(model, tmp_path)
+    loaded = load_localiser(tmp_path, backbone=("tiny", "abc"))
+    torch.testing.assert_close(loaded.named_xy(frames.image_tokens, frames.text_tokens),
+                               model.named_xy(frames.image_tokens, frames.text_tokens))
+
+
+def test_a_localiser_of_another_backbone_is_refused(tmp_path):
+    save_localiser(ObjectLocaliser(_config()), tmp_path)
+    with pytest.raises(CheckpointError, match="another|refusing"):
+        load_localiser(tmp_path, backbone=("tiny", "other-digest"))
+
+
+def test_pickles_and_mismatched_tensors_are_refused(tmp_path):
+    save_localiser(ObjectLocaliser(_config()), tmp_path / "ok")
+    (tmp_path / "ok" / "extra.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_localiser(tmp_path / "ok")
+    save_localiser(ObjectLocaliser(_config(hidden=16)), tmp_path / "small")
+    (tmp_path / "small" / CONFIG_NAME).write_text((tmp_path / "ok" / CONFIG_NAME).read_text())
+    with pytest.raises(CheckpointError, match="shape"):
+        load_localiser(tmp_path / "small")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_localiser(tmp_path / "missing")
+    (tmp_path / "nojson").mkdir()
+    (tmp_path / "nojson" / WEIGHTS_NAME).write_bytes((tmp_path / "ok" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(CheckpointError, match="not a localiser"):
+        load_localiser(tmp_path / "nojson")
+
+
+def test_config_refuses_a_token_count_that_is_not_a_square_grid():
+    with pytest.raises(ValueError, match="square"):
+        _config(num_image_tokens=12)
+    with pytest.raises(ValueError, match="object_keys"):
+        _config(object_keys=())
+
+
+def test_first_frames_round_trip_through_their_safetensors_cache(tmp_path):
+    frames = _synthetic_frames(5)
+    frames.save(tmp_path / "frames.safetensors", {"image_size": "112"})
+    loaded, meta = FirstFrames.load(tmp_path / "frames.safetensors")
+    assert meta["image_size"] == "112"
+    for name in ("image_tokens", "text_tokens", "objects_xy", "cube_index", "target_index"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(frames, name))
