@@ -230,8 +230,7 @@ def test_aux_targets_round_trip_and_are_required_exactly_when_the_meta_names_the
 
 
 def test_an_aux_weighted_head_learns_to_predict_the_targets_and_acts_as_before(aux_data_dir, data_dir, tmp_path):
-    run = _run("mol+mlp", steps=60, lr=5e-3)
-    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    run = _run("mol+mlp", steps=60, aux_weight=1.0, lr=5e-3)
     result = train(aux_data_dir, tmp_path / "ckpt", run, progress=False, plot=False)
     (step0, rmse0), (step_n, rmse_n) = result.val_aux_rmse[0], result.val_aux_rmse[-1]
     assert (step0, step_n) == (0, 60)
@@ -312,8 +311,7 @@ def test_absent_aux_targets_are_left_out_of_the_loss_and_the_error(aux_data_dir,
         tensors["aux_targets"][:, 1] = float("nan")
         tensors["aux_targets"][1::2, 0] = float("nan")
         save_file(tensors, str(shard))
-    run = _run("mol+mlp", steps=40, lr=5e-3)
-    run = RunConfig(arch=dataclasses.replace(run.arch, aux_weight=1.0), train=run.train, preset=run.preset)
+    run = _run("mol+mlp", steps=40, aux_weight=1.0, lr=5e-3)
     result = train(copy, tmp_path / "ckpt", run, progress=False, plot=False)
     rmse = [r for _, r in result.val_aux_rmse]
     assert all(np.isfinite(rmse)) and rmse[-1] < rmse[0], rmse

@@ -135,19 +135,23 @@ class PolicyHead(nn.Module):
                          exclude_episode: torch.Tensor | None = None, *,
                          with_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(chunk (B, H, A), auxiliary prediction (B, K) or None), both normalised, from one MoL pass."""
-        self.check_inputs(features, mask, state)
-        state_n = self.normalizer.normalize_state(state)
-        latent, _ = self.mol(features, mask, state_n)  # (B, Q + keypoints, d)
+        state_n, latent = self._latent(features, mask, state)
         aux = self.aux_predictor(latent.flatten(1)) if with_aux and self.aux_predictor is not None else None
         return self._decode(features, mask, state_n, latent, exclude_episode), aux
+
+    def _latent(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised state (B, S), MoL latent (B, Q + keypoints, d)) of checked inputs."""
+        self.check_inputs(features, mask, state)
+        state_n = self.normalizer.normalize_state(state)
+        latent, _ = self.mol(features, mask, state_n)
+        return state_n, latent
 
     @torch.no_grad()
     def predict_aux(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """The auxiliary targets (B, K) in their own units (e.g. metres), for diagnostics."""
         if self.aux_predictor is None:
             raise RuntimeError("this head was trained without auxiliary targets (arch.aux_weight = 0)")
-        self.check_inputs(features, mask, state)
-        latent, _ = self.mol(features, mask, self.normalizer.normalize_state(state))  # (B, Q + keypoints, d)
+        _, latent = self._latent(features, mask, state)
         aux_n = self.aux_predictor(latent.flatten(1))  # (B, K); no action decoding needed
         return aux_n * self.aux_predictor.target_std + self.aux_predictor.target_mean
 

@@ -222,14 +222,16 @@ def set_feature_stats(head: PolicyHead, dataset: FeatureDataset, train_idx: np.n
     if head.mol.config.feature_norm != "standardize":
         return
     idx = _thin(train_idx, max_samples)
-    total = sq = None
+    contract = dataset.meta.contract
+    total = torch.zeros(len(contract.layers), contract.width, dtype=torch.float64)  # (L, D)
+    sq = torch.zeros_like(total)
     count = 0
     for start in range(0, len(idx), batch_size):
         batch = dataset.batch(idx[start:start + batch_size])
         weight = batch["mask"][:, None, :, None].double()  # (B, 1, T, 1): padding left out
         x = batch["hidden"].double() * weight  # (B, L, T, D)
-        total = x.sum((0, 2)) + (0 if total is None else total)  # (L, D)
-        sq = (x * x).sum((0, 2)) + (0 if sq is None else sq)
+        total += x.sum((0, 2))
+        sq += (x * x).sum((0, 2))
         count += int(batch["mask"].sum())
     mean = total / count
     std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(head.mol.config.eps)
