@@ -34,6 +34,9 @@ def _synthetic_frames(n: int, seed: int = 0) -> FirstFrames:
     for i in range(n):
         cells = rng.choice(SIDE * SIDE, len(KEYS), replace=False)
         for k, cell in enumerate(cells):
+            if k == 1 and cube[i] == 0 and target[i] != 1 and i % 2:  # absent, as most objects of a layout are
+                xy[i, k] = np.nan
+                continue
             image[i, cell, k] += 1.0
             xy[i, k] = (0.4 + 0.1 * (cell // SIDE), -0.15 + 0.1 * (cell % SIDE))
         text[i, 0, cube[i]] = 1.0
@@ -56,6 +59,7 @@ def test_it_learns_where_each_object_is_and_which_two_the_instruction_names():
 def test_save_and_load_round_trip_gives_the_same_positions(tmp_path):
     model = ObjectLocaliser(_config()).eval()
     frames = _synthetic_frames(8)
+    model.set_feature_stats(frames.image_tokens, frames.text_tokens)
     save_localiser(model, tmp_path)
     loaded = load_localiser(tmp_path, backbone=("tiny", "abc"))
     torch.testing.assert_close(loaded.named_xy(frames.image_tokens, frames.text_tokens),
@@ -85,6 +89,25 @@ def test_pickles_and_mismatched_tensors_are_refused(tmp_path):
         load_localiser(tmp_path / "nojson")
 
 
+def test_half_a_localiser_counts_as_one_so_that_loading_it_fails_loudly(tmp_path):
+    from m2vla_core.heads.localiser import has_localiser
+
+    save_localiser(ObjectLocaliser(_config()), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+    assert has_localiser(tmp_path)
+    with pytest.raises(CheckpointError, match="not a localiser"):
+        load_localiser(tmp_path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = ObjectLocaliser(_config())
+    with torch.no_grad():
+        model.cube_logits.bias[0] = float("nan")
+    save_localiser(model, tmp_path)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_localiser(tmp_path)
+
+
 def test_config_refuses_a_token_count_that_is_not_a_square_grid():
     with pytest.raises(ValueError, match="square"):
         _config(num_image_tokens=12)
@@ -98,4 +121,4 @@ def test_first_frames_round_trip_through_their_safetensors_cache(tmp_path):
     loaded, meta = FirstFrames.load(tmp_path / "frames.safetensors")
     assert meta["image_size"] == "112"
     for name in ("image_tokens", "text_tokens", "objects_xy", "cube_index", "target_index"):
-        torch.testing.assert_close(getattr(loaded, name), getattr(frames, name))
+        torch.testing.assert_close(getattr(loaded, name), getattr(frames, name), equal_nan=True)

@@ -302,7 +302,10 @@ def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_
         engine.state_joint_names  # noqa: B018 - the policy node asks this before it accepts a head
 
 
-def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(pipeline, tmp_path):
+def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(pipeline, tmp_path,
+                                                                                       monkeypatch):
+    import dataclasses
+
     from m2vla_core.evaluation.agent import VLAAgent
     from m2vla_core.export.cli import export_main
     from m2vla_core.sim import TaskEnv
@@ -320,37 +323,63 @@ def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_c
     agent = VLAAgent.load(ckpt)
     assert agent.localiser is not None
     assert agent.sim_config().image_width == 224  # the larger of the head's (default 224) and the localiser's 56
+    readings = []
+    perceive = agent.perceive
+    monkeypatch.setattr(agent, "perceive", lambda *a: readings.append(perceive(*a)) or readings[-1])
     with TaskEnv(agent.sim_config()) as env:
         obs = env.reset("reach_above", 1000)
         agent.reset()
-        agent.act(obs)
-        perceived = agent.state(obs)[8:]
-        assert not np.allclose(perceived, obs.named_objects_xy)  # not the simulator's truth: an untrained guess
-        expected = agent.perceive(obs.image, obs.instruction)
-        np.testing.assert_array_equal(perceived, expected)
+        blind = dataclasses.replace(obs, named_objects_xy=None, named_object_keys=None)  # as on a robot
+        agent.act(blind)
+        assert not np.allclose(agent.state(blind)[-4:], obs.named_objects_xy)  # not the truth: an untrained guess
+        np.testing.assert_array_equal(agent.state(blind)[-4:], readings[0])
         agent.act(env.step(obs.joint_positions.astype(np.float32)))
-        np.testing.assert_array_equal(agent.state(obs)[8:], expected)  # read once per episode
-    error = np.hypot(*(perceived - obs.named_objects_xy).reshape(2, 2).T)
-    np.testing.assert_allclose(agent.object_errors_m[0], error, rtol=1e-6)
+        assert len(readings) == 1  # read once per episode ...
+        agent.reset()
+        agent.act(env.reset("reach_above", 1001))
+        assert len(readings) == 2  # ... and again after a reset
+    assert len(agent.object_errors_m) == 2  # the blind act has no truth to score against
+    assert len(agent.localiser_ms) == 2
 
     json_path = tmp_path / "eval.json"
     assert eval_main(["--policy", str(ckpt), "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",
                       "--json", str(json_path), "--no-progress"]) == 0
-    assert "cube_first_act" in json.loads(json_path.read_text())["object_error_m_p50"]
+    report = json.loads(json_path.read_text())
+    assert report["object_positions"] == "localiser" and "cube_first_act" in report["object_error_m_p50"]
 
 
 def test_a_localiser_beside_a_head_that_reads_no_positions_is_refused(pipeline, tmp_path):
     import shutil
 
     from m2vla_core.evaluation.agent import VLAAgent
-    from m2vla_core.training.localiser import main as localiser_main
+    from m2vla_core.heads.checkpoint import load_head_config
+    from m2vla_core.heads.localiser import LocaliserConfig, ObjectLocaliser, save_localiser
+    from m2vla_core.sim.tasks import object_keys
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(pipeline["ckpt"], ckpt)
-    assert localiser_main(["--out", str(ckpt), "--tasks", "reach_above", "--episodes-per-task", "3",
-                           "--image-size", "56", "--steps", "2", "--restarts", "0", "--no-progress"]) == 0
+    head = load_head_config(ckpt)
+    save_localiser(ObjectLocaliser(LocaliserConfig(backbone_id=head.backbone_id, backbone_digest=head.backbone_digest,
+                                                   object_keys=object_keys(), image_size=56, num_image_tokens=4)),
+                   ckpt)
     with pytest.raises(ValueError, match="privileged-state"):
         VLAAgent.load(ckpt)
+
+
+def test_the_localiser_refuses_evaluation_seeds_and_a_frames_cache_of_other_settings(tmp_path, capsys):
+    from m2vla_core.training.localiser import main as localiser_main
+
+    with pytest.raises(SystemExit):
+        localiser_main(["--out", str(tmp_path / "a"), "--episodes-per-task", "10", "--seed-offset", "995"])
+    assert "below 1000" in capsys.readouterr().err
+    frames = tmp_path / "frames.safetensors"
+    common = ["--tasks", "reach_above", "--image-size", "56", "--steps", "2", "--restarts", "0", "--no-progress",
+              "--frames", str(frames)]
+    assert localiser_main(["--out", str(tmp_path / "a"), "--episodes-per-task", "3", *common]) == 0
+    assert localiser_main(["--out", str(tmp_path / "b"), "--episodes-per-task", "3", *common]) == 0  # served
+    with pytest.raises(SystemExit):
+        localiser_main(["--out", str(tmp_path / "c"), "--episodes-per-task", "4", *common])
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_privileged_error_for_a_head_that_reads_no_privileged_state(pipeline, capsys):

@@ -121,6 +121,7 @@ class VLAAgent:
                                  f"{self.localiser_contract.num_image_tokens} at {cfg.image_size} px")
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
+        self.localiser_ms: list[float] = []  # per episode: the localiser's one reading (its own backbone pass)
         # A head trained to predict the objects' x, y (``m2vla features --object-targets``) says
         # per act where it believes the named ones are; the sim knows where they are.
         self.aux_head = aux_head
@@ -171,8 +172,8 @@ class VLAAgent:
     def sim_config(self):
         """Simulator settings for this head: its control period, and camera frames of the input
         size its contract names (the camera's default size when it names none), or of the
-        localiser's when that is larger (the head's backbone downsizes them, as in training on
-        a recording at that size)."""
+        localiser's when that is larger: the head's backbone then downsizes them, which matches
+        training only if the head's recording was rendered at that size too."""
         from m2vla_core.sim import SimConfig
 
         size = self.contract.image_size
@@ -193,9 +194,11 @@ class VLAAgent:
         """Observation (image, instruction, joint_positions) -> chunk (H, A) of joint-position targets."""
         if observation.image is None:
             raise ValueError("VLAAgent needs camera images: SimConfig.render must be True")
-        t0 = time.perf_counter()
         if self.localiser is not None and self._perceived_xy is None:
+            t0 = time.perf_counter()
             self._perceived_xy = self.perceive(observation.image, observation.instruction)
+            self.localiser_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
         bundle = self.backbone.extract(observation.image, observation.instruction, self.contract)
         hidden, mask = bundle.numpy()  # (n_layers, T, D), (T,)
         t1 = time.perf_counter()
@@ -214,8 +217,9 @@ class VLAAgent:
 
     @property
     def object_errors_m(self) -> list[tuple[float, float]]:
-        """Per act(): (cube, target) distance [m] between where the head believes the named objects
-        are and where they are. Computed when read, so the diagnostic stays out of act()'s latency."""
+        """Per act(): (cube, target) distance [m] between where the head (or its localiser) believes
+        the named objects are and where they were at the episode's start. Computed when read, so the
+        head's diagnostic stays out of act()'s latency."""
         for hidden, mask, state, true_xy, keys in self._pending_beliefs:
             believed = self.aux_head.predict_aux(torch.as_tensor(hidden)[None], torch.as_tensor(mask)[None],
                                                  torch.as_tensor(state)[None])[0].numpy()  # (2 * objects,)
@@ -227,9 +231,12 @@ class VLAAgent:
     def perceive(self, image: np.ndarray, instruction: str) -> np.ndarray:
         """(4,) the named cube's and target's x, y [m] as the localiser reads them from ``image``."""
         bundle = self.localiser_backbone.extract(image, instruction, self.localiser_contract)
-        hidden = bundle.hidden[0].float()[None]  # (1, T, D)
+        hidden = bundle.hidden[0].float().cpu()[None]  # (1, T, D)
         n_img = self.localiser_contract.num_image_tokens
-        return self.localiser.named_xy(hidden[:, :n_img], hidden[:, n_img:])[0].numpy().astype(np.float32)
+        xy = self.localiser.named_xy(hidden[:, :n_img], hidden[:, n_img:])[0].numpy().astype(np.float32)
+        if not np.isfinite(xy).all():
+            raise ValueError(f"the object localiser read non-finite positions {xy.tolist()}; refusing to act on them")
+        return xy
 
     def state(self, observation) -> np.ndarray:
         """(S,) the head's state input: the joints, then the named objects' positions if it reads
@@ -238,6 +245,8 @@ class VLAAgent:
         if not self.privileged:
             return joints
         if self.localiser is not None:
+            if self._perceived_xy is None:  # asked before the episode's first act
+                self._perceived_xy = self.perceive(observation.image, observation.instruction)
             return np.concatenate([joints, self._perceived_xy])
         if observation.named_objects_xy is None:
             raise ValueError("this head reads privileged state, and the observation carries no named_objects_xy")

@@ -74,6 +74,10 @@ class EvalReport:
     # [m] medians of a position-predicting head's belief vs the sim (empty for other heads):
     # cube_first_act (arm at home), cube_all_acts, target_all_acts
     object_error_m_p50: dict[str, float] = field(default_factory=dict)
+    # where a privileged-state head's object positions came from: "localiser" (the camera, once
+    # per episode), "simulator" (truth, a diagnostic), "" (a head that reads none)
+    object_positions: str = ""
+    localiser_ms_p50: float = float("nan")  # the localiser's one reading per episode
     gifs: dict[str, list] = field(default_factory=dict)  # task -> frames (not serialised)
 
     def to_json(self) -> dict:
@@ -108,13 +112,16 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     n_head = len(agent.head_ms)
     n_bb = len(agent.backbone_ms)
     n_obj = len(agent.object_errors_m)
+    n_loc = len(agent.localiser_ms)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
                             frame_every=2)
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
             "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
-            "backbone_ms": agent.backbone_ms[n_bb:], "object_error_m": agent.object_errors_m[n_obj:], "frames": frames}
+            "backbone_ms": agent.backbone_ms[n_bb:], "object_error_m": agent.object_errors_m[n_obj:], "frames": frames,
+            "localiser_ms": agent.localiser_ms[n_loc:],
+            "object_positions": "localiser" if agent.localiser is not None else ("simulator" if agent.privileged else "")}
 
 
 def _small(frame: np.ndarray) -> np.ndarray:
@@ -211,7 +218,9 @@ def _aggregate(config: EvalConfig, tasks: list[str], results: list[dict], second
         seeds={t: [r["seed"] for r in rs] for t, rs in by_task.items()},
         act_ms_p50=_pct(act, 50), act_ms_p99=_pct(act, 99), head_us_p50=_pct(head, 50) * 1e3,
         head_us_p99=_pct(head, 99) * 1e3, backbone_ms_p50=_pct(bb, 50), seconds=seconds, config=asdict(config),
-        gifs={r["task"]: r["frames"] for r in results if r["frames"]}, object_error_m_p50=object_error)
+        gifs={r["task"]: r["frames"] for r in results if r["frames"]}, object_error_m_p50=object_error,
+        object_positions=results[0].get("object_positions", "") if results else "",
+        localiser_ms_p50=_pct([x for r in results for x in r.get("localiser_ms", [])], 50))
 
 
 def format_table(report: EvalReport) -> str:
@@ -222,9 +231,11 @@ def format_table(report: EvalReport) -> str:
     lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
     lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    if report.object_positions == "localiser":
+        lines.append(f"object positions read once per episode by the localiser, p50 {report.localiser_ms_p50:.1f} ms")
     if report.object_error_m_p50:
         e = report.object_error_m_p50
-        lines.append(f"where the head believes the objects are, error p50: cube {e['cube_first_act'] * 100:.1f} cm "
+        lines.append(f"where the head (or its localiser) believes the objects are, error p50: cube {e['cube_first_act'] * 100:.1f} cm "
                      f"at the first act, {e['cube_all_acts'] * 100:.1f} cm over all acts; target "
                      f"{e['target_all_acts'] * 100:.1f} cm")
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def refuse_pickles(directory: Path) -> None:
                             (p.suffix.lower() not in (".json", ".onnx", ".png", ".md", ".txt", ".csv")
                              and sniff_weights_format(p) in ("pickle", "torch-zip"))):
             raise CheckpointError(f"{p}: pickle-format weights are refused (never unpickled); "
-                                  f"a head checkpoint holds only {CONFIG_NAME} + {WEIGHTS_NAME}")
+                                  f"checkpoints hold JSON configs and safetensors weights only")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

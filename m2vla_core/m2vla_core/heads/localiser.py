@@ -121,11 +121,14 @@ class ObjectLocaliser(nn.Module):
     def named_xy(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 4) x, y of the named cube, then of its target (the cube's own when none)."""
         objects, cube_logits, target_logits = self(image_tokens, text_tokens)
-        rows = torch.arange(len(objects))
-        cube = cube_logits.argmax(-1)
-        target = target_logits.argmax(-1)
-        target = torch.where(target == objects.shape[1], cube, target)
-        return torch.cat([objects[rows, cube], objects[rows, target]], dim=-1)
+        return pick_named(objects, cube_logits.argmax(-1), target_logits.argmax(-1))
+
+
+def pick_named(objects_xy: torch.Tensor, cube: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 4) cube x, y + target x, y out of (B, K, 2) positions by index; target K = the cube itself."""
+    rows = torch.arange(len(objects_xy), device=objects_xy.device)
+    target = torch.where(target == objects_xy.shape[1], cube, target)
+    return torch.cat([objects_xy[rows, cube], objects_xy[rows, target]], dim=-1)
 
 
 def save_localiser(localiser: ObjectLocaliser, directory: str | os.PathLike) -> Path:
@@ -141,7 +144,9 @@ def save_localiser(localiser: ObjectLocaliser, directory: str | os.PathLike) -> 
 
 
 def has_localiser(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / CONFIG_NAME).is_file()
+    """Either file counts, so half a localiser (an interrupted copy) fails loudly in
+    ``load_localiser`` instead of leaving a head to read simulator truth."""
+    return any((Path(directory) / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def load_localiser(directory: str | os.PathLike, *, backbone: tuple[str, str] | None = None) -> ObjectLocaliser:
@@ -176,5 +181,9 @@ def load_localiser(directory: str | os.PathLike, *, backbone: tuple[str, str] | 
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"{CONFIG_NAME} implies {tuple(expected[key].shape)}")
+    if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+        raise CheckpointError(f"{weights}: non-finite weights")
+    if not (bool((state["image_std"] > 0).all()) and bool((state["text_std"] > 0).all())):
+        raise CheckpointError(f"{weights}: feature std must be positive")
     localiser.load_state_dict(state)
     return localiser.eval()

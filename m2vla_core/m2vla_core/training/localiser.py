@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2vla_core.heads.localiser import LocaliserConfig, ObjectLocaliser
+from m2vla_core.heads.localiser import LocaliserConfig, ObjectLocaliser, pick_named
 
 FRAMES_FORMAT = "m2vla-localiser-frames"
 
@@ -60,7 +60,7 @@ class FirstFrames:
     def save(self, path: str | Path, meta: dict[str, str]) -> None:
         from m2vla_core.heads.checkpoint import atomic_save_safetensors
 
-        atomic_save_safetensors({k: v for k, v in vars(self).items()}, Path(path), {"format": FRAMES_FORMAT, **meta})
+        atomic_save_safetensors(dict(vars(self)), Path(path), {"format": FRAMES_FORMAT, **meta})
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["FirstFrames", dict[str, str]]:
@@ -73,7 +73,16 @@ class FirstFrames:
             meta = dict(f.metadata() or {})
             if meta.get("format") != FRAMES_FORMAT:
                 raise CheckpointError(f"{path}: not a localiser frames file (format {meta.get('format')!r})")
-            return cls(**{name: f.get_tensor(name) for name in cls.__dataclass_fields__}), meta
+            missing = sorted(set(cls.__dataclass_fields__) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path}: missing tensors {missing}")
+            frames = cls(**{name: f.get_tensor(name) for name in cls.__dataclass_fields__})
+        n, k = frames.objects_xy.shape[:2]
+        if not (len(frames.image_tokens) == len(frames.text_tokens) == len(frames.cube_index)
+                == len(frames.target_index) == n) or not (
+                bool((frames.cube_index < k).all()) and bool((frames.target_index <= k).all())):
+            raise CheckpointError(f"{path}: inconsistent tensors (sample counts or object indices)")
+        return frames, meta
 
 
 def gather_first_frames(backbone, tasks: list[str], episodes_per_task: int, seed_offset: int, layer: int,
@@ -92,9 +101,11 @@ def gather_first_frames(backbone, tasks: list[str], episodes_per_task: int, seed
         for task in tasks:
             for seed in range(seed_offset, seed_offset + episodes_per_task):
                 obs = env.reset(task, seed)
-                hidden = backbone.extract(obs.image, obs.instruction, contract).hidden[0]  # (T, D)
-                images.append(hidden[:n_img].to(torch.float16))
-                texts.append(hidden[n_img:].to(torch.float16))
+                hidden = backbone.extract(obs.image, obs.instruction, contract).hidden[0].float().cpu()  # (T, D)
+                if not bool(torch.isfinite(hidden).all()):
+                    raise ValueError(f"{task} seed {seed}: the backbone's features are not finite")
+                images.append(hidden[:n_img].to(torch.float16))  # half the memory; the tiny backbone's
+                texts.append(hidden[n_img:].to(torch.float16))  # layer 0 is far inside float16's range
                 xy.append(torch.as_tensor(env.spec.objects_xy(), dtype=torch.float32).view(len(keys), 2))
                 cube_key, target_key = env.spec.named_object_keys()
                 cube.append(keys.index(cube_key))
@@ -110,21 +121,13 @@ def _distances(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - torch.nan_to_num(target)).norm(dim=-1)[present]
 
 
-def _named_truth(frames: FirstFrames, idx: torch.Tensor) -> torch.Tensor:
-    rows = idx
-    cube_xy = frames.objects_xy[rows, frames.cube_index[rows]]
-    k = frames.objects_xy.shape[1]
-    target = torch.where(frames.target_index[rows] == k, frames.cube_index[rows], frames.target_index[rows])
-    return torch.cat([cube_xy, frames.objects_xy[rows, target]], dim=-1)
-
-
 @torch.no_grad()
 def score(model: ObjectLocaliser, frames: FirstFrames, idx: torch.Tensor) -> dict[str, float]:
     """Median errors [m] on layouts ``idx``: every object, and the named cube / target as the
     localiser picks them (so a wrong pick counts); and how often it picks the right ones."""
     objects, cube_logits, target_logits = model(frames.image_tokens[idx], frames.text_tokens[idx])
-    named = model.named_xy(frames.image_tokens[idx], frames.text_tokens[idx]).view(-1, 2, 2)
-    truth = _named_truth(frames, idx).view(-1, 2, 2)
+    named = pick_named(objects, cube_logits.argmax(-1), target_logits.argmax(-1)).view(-1, 2, 2)
+    truth = pick_named(frames.objects_xy[idx], frames.cube_index[idx], frames.target_index[idx]).view(-1, 2, 2)
     named_err = (named - truth).norm(dim=-1)  # (n, 2)
     return {"objects_median_m": float(_distances(objects, frames.objects_xy[idx]).median()),
             "cube_median_m": float(named_err[:, 0].median()), "target_median_m": float(named_err[:, 1].median()),
@@ -143,7 +146,7 @@ def fit_once(config: LocaliserConfig, frames: FirstFrames, train: torch.Tensor, 
     for _ in range(fit.steps):
         idx = train[torch.as_tensor(rng.integers(len(train), size=fit.batch_size))]
         objects, cube_logits, target_logits = model(frames.image_tokens[idx], frames.text_tokens[idx])
-        loss = ((_distances(objects, frames.objects_xy[idx]) ** 2).mean()
+        loss = (_distances(objects, frames.objects_xy[idx]).square().mean()
                 + torch.nn.functional.cross_entropy(cube_logits, frames.cube_index[idx])
                 + torch.nn.functional.cross_entropy(target_logits, frames.target_index[idx]))
         opt.zero_grad(set_to_none=True)
@@ -154,7 +157,8 @@ def fit_once(config: LocaliserConfig, frames: FirstFrames, train: torch.Tensor, 
 
 def fit_localiser(config: LocaliserConfig, frames: FirstFrames, fit: LocaliserFitConfig,
                   log=print) -> tuple[ObjectLocaliser, dict]:
-    """Fit from each restart seed, keep the best training fit; report every restart."""
+    """Fit from each restart seed, keep the best training fit of the named cube and target (a
+    wrong pick counts); report every restart."""
     from m2vla_core.evaluation.probe import split_layouts
 
     train, val = (torch.as_tensor(i) for i in split_layouts(len(frames), fit.val_fraction))
@@ -167,8 +171,9 @@ def fit_localiser(config: LocaliserConfig, frames: FirstFrames, fit: LocaliserFi
             f"(train {run['train']['cube_median_m'] * 100:.1f} cm), every object held-out "
             f"{run['val']['objects_median_m'] * 100:.1f} cm, picks cube {run['val']['cube_pick_accuracy']:.0%} "
             f"target {run['val']['target_pick_accuracy']:.0%}")
-        if best is None or run["train"]["objects_median_m"] < best_fit:
-            best, best_fit, chosen = model, run["train"]["objects_median_m"], run
+        train_fit = run["train"]["cube_median_m"] + run["train"]["target_median_m"]
+        if best is None or train_fit < best_fit:
+            best, best_fit, chosen = model, train_fit, run
     report = {"fit": asdict(fit), "layouts": {"train": len(train), "val": len(val)}, "selected": chosen,
               "restarts": runs}
     return best, report
@@ -201,16 +206,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.episodes_per_task < 3:
         parser.error("--episodes-per-task must be >= 3 (layouts are split into train and held-out)")
+    from m2vla_core.evaluation.cli import DEFAULT_SEED_OFFSET
+
+    if args.seed_offset < 0 or args.seed_offset + args.episodes_per_task > DEFAULT_SEED_OFFSET:
+        parser.error(f"seeds {args.seed_offset}..{args.seed_offset + args.episodes_per_task - 1} must stay below "
+                     f"{DEFAULT_SEED_OFFSET}, where evaluation's held-out seeds start")
     from m2vla_core.backbone.adapter import FrozenBackbone
     from m2vla_core.backbone.tiny import default_backbone_path
 
     t0 = time.perf_counter()
     try:
         backbone = FrozenBackbone.from_pretrained(args.backbone or default_backbone_path(), image_size=args.image_size)
+        contract = backbone.contract([args.layer], num_text_tokens=args.text_tokens)
+        config = LocaliserConfig(backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
+                                 object_keys=object_keys(), image_size=backbone.image_size, layer=args.layer,
+                                 num_image_tokens=contract.num_image_tokens, num_text_tokens=args.text_tokens,
+                                 width=backbone.hidden_size)
     except ValueError as exc:
         parser.error(str(exc))
     meta = {"backbone_id": backbone.backbone_id, "backbone_digest": backbone.weights_digest,
-            "image_size": str(backbone.image_size), "layer": str(args.layer), "text_tokens": str(args.text_tokens)}
+            "image_size": str(backbone.image_size), "layer": str(args.layer), "text_tokens": str(args.text_tokens),
+            "tasks": ",".join(tasks), "episodes_per_task": str(args.episodes_per_task),
+            "seed_offset": str(args.seed_offset), "object_keys": ",".join(object_keys())}
     if args.frames is not None and args.frames.is_file():
         frames, cached = FirstFrames.load(args.frames)
         if {k: cached.get(k) for k in meta} != meta:
@@ -220,10 +237,6 @@ def main(argv: list[str] | None = None) -> int:
                                      args.text_tokens, progress=not args.no_progress)
         if args.frames is not None:
             frames.save(args.frames, meta)
-    config = LocaliserConfig(backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
-                             object_keys=object_keys(), image_size=backbone.image_size, layer=args.layer,
-                             num_image_tokens=frames.image_tokens.shape[1], num_text_tokens=args.text_tokens,
-                             width=backbone.hidden_size)
     print(f"localiser: {len(frames)} layouts, {config.num_image_tokens} image tokens at {config.image_size} px",
           file=sys.stderr)
     model, report = fit_localiser(config, frames, fit, log=lambda s: print(s, file=sys.stderr))
