@@ -79,11 +79,14 @@ class SpatialProbe(nn.Module):
         self.token_pos = nn.Parameter(torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(num_tokens, 2))
         self.to_table = nn.Linear(2, 2)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, with_scores: bool = False):
+        """Positions (B, K, 2); with ``with_scores`` also the detector's scores (B, T, K)."""
         b, t, _ = tokens.shape
-        weights = torch.softmax(self.detect(tokens), dim=1)  # (B, T, K): where each class is
+        scores = self.detect(tokens)
+        weights = torch.softmax(scores, dim=1)  # (B, T, K): where each class is
         pos = self.token_pos[None, :, None, :] + 0.1 * self.offset(tokens).view(b, t, self.k, 2)
-        return self.to_table((weights[..., None] * pos).sum(1))  # (B, K, 2)
+        xy = self.to_table((weights[..., None] * pos).sum(1))  # (B, K, 2)
+        return (xy, scores) if with_scores else xy
 
 
 class ObjectLocaliser(nn.Module):
@@ -110,12 +113,16 @@ class ObjectLocaliser(nn.Module):
         self.text_mean.copy_(text_tokens.float().mean((0, 1)))
         self.text_std.copy_(text_tokens.float().std((0, 1)) + 1e-6)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor):
-        """(B, T_img, D), (B, T_txt, D) -> objects_xy (B, K, 2), cube logits (B, K), target logits (B, K + 1)."""
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, *, with_scores: bool = False):
+        """(B, T_img, D), (B, T_txt, D) -> objects_xy (B, K, 2), cube logits (B, K), target logits
+        (B, K + 1), and with ``with_scores`` the detector's per-token scores (B, T_img, K)."""
         img = (image_tokens.float() - self.image_mean) / self.image_std
         txt = (text_tokens.float() - self.text_mean) / self.text_std
         latent = self.which(txt.flatten(1))
-        return self.where(img), self.cube_logits(latent), self.target_logits(latent)
+        where = self.where(img, with_scores=with_scores)
+        if with_scores:
+            return where[0], self.cube_logits(latent), self.target_logits(latent), where[1]
+        return where, self.cube_logits(latent), self.target_logits(latent)
 
     @torch.no_grad()
     def named_xy(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,24 @@ class CameraConfig:
         if np.allclose(self.eye_m, self.target_m):
             raise ValueError(f"CameraConfig.eye_m must differ from target_m, got {self.eye_m}")
 
+    def project(self, points_m: np.ndarray, aspect: float = 1.0) -> np.ndarray:
+        """(N, 3) world points [m] -> (N, 2) image coordinates (u to the right, v down, both 0..1
+        across the frame): the pinhole model of the view and projection matrices PyBullet renders
+        with. Labels for training, e.g. which image token an object falls on."""
+        points = np.asarray(points_m, dtype=np.float64).reshape(-1, 3)
+        eye = np.asarray(self.eye_m, dtype=np.float64)
+        forward = np.asarray(self.target_m, dtype=np.float64) - eye
+        forward /= np.linalg.norm(forward)
+        side = np.cross(forward, self.up)
+        side /= np.linalg.norm(side)
+        up = np.cross(side, forward)
+        rel = points - eye
+        depth = rel @ forward
+        tan_half = np.tan(np.radians(self.fov_deg) / 2.0)
+        ndc_x = (rel @ side) / (depth * tan_half * aspect)
+        ndc_y = (rel @ up) / (depth * tan_half)
+        return np.stack([(ndc_x + 1.0) / 2.0, (1.0 - ndc_y) / 2.0], axis=1)
+
 
 @dataclass(frozen=True)
 class SimConfig:
