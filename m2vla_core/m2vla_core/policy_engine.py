@@ -131,7 +131,8 @@ class PolicyEngine:
         names = tuple(self.config.state_names)
         if reads_privileged_state(names):
             raise RuntimeError(f"checkpoint {self.checkpoint} reads privileged simulator state {PRIVILEGED_STATE_NAMES}: "
-                               "a diagnostic head for `m2vla eval`, not for a robot")
+                               "a diagnostic head for `m2vla eval`, not for a robot (with an object localiser "
+                               "beside it, `m2vla eval` reads them from the camera; the ROS nodes do not yet)")
         if names:
             return names
         if self.config.state_dim == len(DEFAULT_STATE_NAMES):
