@@ -5,7 +5,8 @@ Why it exists: a head told where the named cube and its target are transfers to 
 layouts (100 % on reach_above, 90 % with each position 2 cm off), while a head that must find
 them through the action loss alone does not (docs/results.md, "Told where the cube is"). A
 probe fitted to the positions directly reads them from the same frozen features to 1.6 cm
-at 448 px. So the position is learned the way the probe learns it, and handed to the head.
+at 448 px. So the position is learned on its own, supervised directly (and, so the fit does not
+stall, with the image token each object falls on: ``training.localiser``), and handed to the head.
 
 Two small parts, trained on first frames (arm at home) with the layout as labels:
 

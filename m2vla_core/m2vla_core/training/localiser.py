@@ -86,7 +86,8 @@ class FirstFrames:
         n, k = frames.objects_xy.shape[:2]
         if not (len(frames.image_tokens) == len(frames.text_tokens) == len(frames.cube_index)
                 == len(frames.target_index) == n) or not (
-                bool((frames.cube_index < k).all()) and bool((frames.target_index <= k).all())):
+                bool(((frames.cube_index >= 0) & (frames.cube_index < k)).all())
+                and bool(((frames.target_index >= 0) & (frames.target_index <= k)).all())):
             raise CheckpointError(f"{path}: inconsistent tensors (sample counts or object indices)")
         return frames, meta
 
@@ -127,7 +128,8 @@ OBJECT_CENTRE_Z_M = 0.02  # [m] about where a cube's centre, a zone and a tray f
 
 def object_tokens(objects_xy: torch.Tensor, side: int, camera=None) -> torch.Tensor:
     """(N, K, 2) table x, y [m] -> (N, K) index of the image token (row-major on a side x side
-    grid over the square frame) each object falls on in the fixed camera; -1 where absent."""
+    grid over the square frame) each object falls on in the fixed camera (the simulator's default
+    one, which ``gather_first_frames`` renders with); -1 where absent."""
     from m2vla_core.sim.scene import CameraConfig
 
     xy = objects_xy.reshape(-1, 2).double().numpy()
