@@ -48,7 +48,7 @@ def _synthetic_frames(n: int, seed: int = 0) -> FirstFrames:
 def test_it_learns_where_each_object_is_and_which_two_the_instruction_names():
     frames = _synthetic_frames(400)
     fit = LocaliserFitConfig(steps=600, restarts=(0,), token_weight=0.0)  # synthetic cells are not the camera's
-    model, report = fit_localiser(_config(), frames, fit, log=lambda s: None)
+    model, report = fit_localiser(_config(peak_radius=-1), frames, fit, log=lambda s: None)  # read as trained
     held_out = report["selected"]["val"]
     assert held_out["cube_pick_accuracy"] == 1.0 and held_out["target_pick_accuracy"] == 1.0
     assert held_out["cube_median_m"] < 0.02 and held_out["target_median_m"] < 0.02  # cells are 10 cm apart
@@ -146,3 +146,23 @@ def test_each_cube_falls_on_the_image_token_the_camera_projection_names():
                 patch = obs.image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell].reshape(-1, 3).astype(float)
                 colour = np.asarray(COLOURS_RGBA[cube.colour][:3]) * 255
                 assert (np.abs(patch - colour).max(axis=1) < 40).any(), (seed, cube.colour)  # its colour is there
+
+
+def test_reading_near_the_peak_does_not_average_two_detections_into_their_midpoint():
+    from m2vla_core.heads.localiser import SpatialProbe
+
+    probe = SpatialProbe(dim=1, num_tokens=16, num_classes=1, hidden=4)
+    probe.detect = torch.nn.Linear(1, 1, bias=False)  # score = 20 x the token's feature
+    probe.offset = torch.nn.Linear(1, 2)
+    probe.to_table = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        probe.detect.weight.fill_(20.0)
+        probe.offset.weight.zero_(), probe.offset.bias.zero_()
+        probe.to_table.weight.copy_(torch.eye(2)), probe.to_table.bias.zero_()
+    tokens = torch.zeros(1, 16, 1)
+    tokens[0, 0, 0], tokens[0, 15, 0] = 1.0, 0.99  # two detections: grid corners (-1, -1) and (1, 1)
+    with torch.no_grad():
+        everywhere = probe(tokens)[0, 0]
+        near_peak = probe(tokens, peak_radius=1)[0, 0]
+    assert everywhere.abs().max() < 0.2  # the midpoint of the two corners
+    torch.testing.assert_close(near_peak, torch.tensor([-1.0, -1.0]), atol=1e-3, rtol=0)

@@ -150,7 +150,8 @@ def _distances(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def score(model: ObjectLocaliser, frames: FirstFrames, idx: torch.Tensor) -> dict[str, float]:
     """Median errors [m] on layouts ``idx``: every object, and the named cube / target as the
     localiser picks them (so a wrong pick counts); and how often it picks the right ones."""
-    objects, cube_logits, target_logits = model(frames.image_tokens[idx], frames.text_tokens[idx])
+    objects, cube_logits, target_logits = model(frames.image_tokens[idx], frames.text_tokens[idx],
+                                                peak_radius=model.config.peak_radius)  # as it will be read
     named = pick_named(objects, cube_logits.argmax(-1), target_logits.argmax(-1)).view(-1, 2, 2)
     truth = pick_named(frames.objects_xy[idx], frames.cube_index[idx], frames.target_index[idx]).view(-1, 2, 2)
     named_err = (named - truth).norm(dim=-1)  # (n, 2)
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", default="0,1,2", help="fit seeds (the best training fit is kept)")
     parser.add_argument("--token-weight", type=float, default=LocaliserFitConfig.token_weight,
                         help="weight of the which-token cross-entropy (0: positions alone)")
+    parser.add_argument("--peak-radius", type=int, default=None,
+                        help="read each object near its best token, within this many rows / columns (default: 1, "
+                             "or -1 = every token with --token-weight 0, whose detector is not trained to peak)")
     parser.add_argument("--frames", type=Path, default=None,
                         help="safetensors cache of the first frames' tokens: read if it exists, else written")
     parser.add_argument("--no-progress", action="store_true")
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         config = LocaliserConfig(backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
                                  object_keys=object_keys(), image_size=backbone.image_size, layer=args.layer,
                                  num_image_tokens=contract.num_image_tokens, num_text_tokens=args.text_tokens,
-                                 width=backbone.hidden_size)
+                                 width=backbone.hidden_size,
+                                 peak_radius=args.peak_radius if args.peak_radius is not None
+                                 else (1 if args.token_weight > 0 else -1))
     except ValueError as exc:
         parser.error(str(exc))
     meta = {"backbone_id": backbone.backbone_id, "backbone_digest": backbone.weights_digest,
