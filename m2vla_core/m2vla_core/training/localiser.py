@@ -148,8 +148,9 @@ def _distances(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model: ObjectLocaliser, frames: FirstFrames, idx: torch.Tensor) -> dict[str, float]:
-    """Median errors [m] on layouts ``idx``: every object, and the named cube / target as the
-    localiser picks them (so a wrong pick counts); and how often it picks the right ones."""
+    """Median errors [m] on layouts ``idx`` (and the named cube's 90th percentile): every object,
+    and the named cube / target as the localiser picks and reads them (so a wrong pick counts);
+    and how often it picks the right ones."""
     objects, cube_logits, target_logits = model(frames.image_tokens[idx], frames.text_tokens[idx],
                                                 peak_radius=model.config.peak_radius)  # as it will be read
     named = pick_named(objects, cube_logits.argmax(-1), target_logits.argmax(-1)).view(-1, 2, 2)
@@ -206,7 +207,7 @@ def fit_localiser(config: LocaliserConfig, frames: FirstFrames, fit: LocaliserFi
         if best is None or train_fit < best_fit:
             best, best_fit, chosen = model, train_fit, run
     report = {"fit": asdict(fit), "layouts": {"train": len(train), "val": len(val)}, "selected": chosen,
-              "restarts": runs}
+              "restarts": runs, "peak_radius": config.peak_radius}  # how the errors were read
     return best, report
 
 
