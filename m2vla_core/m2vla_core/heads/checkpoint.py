@@ -98,6 +98,32 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def read_weights(directory: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) of ``directory / name``: present, really safetensors (checked before any
+    tensor is read) and readable, else CheckpointError."""
+    weights = Path(directory) / name
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {name}")
+    check_safetensors_file(weights)
+    try:
+        return weights, load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable safetensors ({exc})") from exc
+
+
+def check_state_matches(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path,
+                        config_name: str) -> None:
+    """Refuse tensors whose names or shapes differ from those the config's model has."""
+    if set(state) != set(expected):
+        raise CheckpointError(f"{weights}: tensors do not match {config_name} "
+                              f"(missing {sorted(set(expected) - set(state))[:8]}, "
+                              f"unexpected {sorted(set(state) - set(expected))[:8]})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"{config_name} implies {tuple(expected[key].shape)}")
+
+
 def save_head(head: PolicyHead, directory: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors (atomically) into ``directory``."""
     directory = Path(directory)
@@ -145,14 +171,7 @@ def load_head(directory: str | os.PathLike, *, backbone: tuple[str, str] | None 
     config = load_head_config(directory)
     if backbone is not None:
         check_backbone(config, *backbone)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    check_safetensors_file(weights)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights}: unreadable safetensors ({exc})") from exc
+    weights, state = read_weights(directory, WEIGHTS_NAME)
     head = PolicyHead(config)
     missing_norm = [k for k in NORM_KEYS if k not in state]
     if missing_norm:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 CONFIG_NAME = "localiser.json"
@@ -181,7 +180,9 @@ def has_localiser(directory: str | os.PathLike) -> bool:
 def load_localiser(directory: str | os.PathLike, *, backbone: tuple[str, str] | None = None) -> ObjectLocaliser:
     """Load safely (strict JSON, safetensors only, keys and shapes checked); ``backbone=(id,
     weights_digest)`` refuses a localiser fitted on another backbone."""
-    from m2vla_core.heads.checkpoint import CheckpointError, check_safetensors_file, load_config_file, refuse_pickles
+    from m2vla_core.heads.checkpoint import (
+        CheckpointError, check_state_matches, load_config_file, read_weights, refuse_pickles,
+    )
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -192,24 +193,9 @@ def load_localiser(directory: str | os.PathLike, *, backbone: tuple[str, str] | 
         raise CheckpointError(f"{directory}: localiser was fitted on backbone {config.backbone_id!r} "
                               f"(weights {config.backbone_digest[:12]}), refusing it on {backbone[0]!r} "
                               f"(weights {backbone[1][:12]})")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    check_safetensors_file(weights)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights}: unreadable safetensors ({exc})") from exc
+    weights, state = read_weights(directory, WEIGHTS_NAME)
     localiser = ObjectLocaliser(config)
-    expected = localiser.state_dict()
-    if set(state) != set(expected):
-        raise CheckpointError(f"{weights}: tensors do not match {CONFIG_NAME} "
-                              f"(missing {sorted(set(expected) - set(state))[:8]}, "
-                              f"unexpected {sorted(set(state) - set(expected))[:8]})")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"{CONFIG_NAME} implies {tuple(expected[key].shape)}")
+    check_state_matches(state, localiser.state_dict(), weights, CONFIG_NAME)
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):
         raise CheckpointError(f"{weights}: non-finite weights")
     if not (bool((state["image_std"] > 0).all()) and bool((state["text_std"] > 0).all())):

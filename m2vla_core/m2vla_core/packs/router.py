@@ -18,7 +18,7 @@ from torch import nn
 
 from m2vla_core.config_io import save_json
 from m2vla_core.heads.checkpoint import (CheckpointError, atomic_save_safetensors, check_safetensors_file,
-                                        load_config_file, refuse_pickles)
+                                        check_state_matches, load_config_file, read_weights, refuse_pickles)
 from m2vla_core.heads.layers import rms_normalize
 from m2vla_core.packs.configuration_packs import RouterConfig, RouterTrainConfig
 
@@ -215,26 +215,13 @@ def save_router(router: TaskRouter, directory: str | os.PathLike) -> Path:
 
 def load_router(directory: str | os.PathLike) -> TaskRouter:
     """Strict load: JSON config (unknown keys refused), safetensors only, keys and shapes checked."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: router directory not found")
     refuse_pickles(directory)
     config = load_config_file(RouterConfig, directory / CONFIG_NAME, f"{directory}: no {CONFIG_NAME}")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    check_safetensors_file(weights)
-    state = load_file(str(weights))
+    weights, state = read_weights(directory, WEIGHTS_NAME)
     router = TaskRouter(config)
-    expected = router.state_dict()
-    if set(state) != set(expected):
-        raise CheckpointError(f"{weights}: tensors do not match config.json (missing {sorted(set(expected) - set(state))}, "
-                              f"unexpected {sorted(set(state) - set(expected))})")
-    for key, t in state.items():
-        if t.shape != expected[key].shape:
-            raise CheckpointError(f"{weights}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{tuple(expected[key].shape)}")
+    check_state_matches(state, router.state_dict(), weights, CONFIG_NAME)
     router.load_state_dict(state)
     return router.eval()
