@@ -2,7 +2,8 @@
 
 The perception ROS node converts messages and calls this; a benchmark or a plain Python
 script can call it the same way. Extraction returns the bundle and its compute time; a cache
-hit costs a lookup, not a forward pass.
+hit costs a lookup, not a forward pass. For a head that reads the named objects' positions, the
+engine also runs that head's object localiser (``use_localiser``, ``read_named_objects``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class PerceptionEngine:
         self.misses = 0
         self._default = None  # the backbone at its default input size; self.backbone may be a resized view
         self._unservable: dict[int, str] = {}  # image sizes the backbone refused -> why
+        self.reader = None  # NamedObjectReader of the localiser in use, if any
+        self.localiser_dir = ""  # the one asked for last (kept when it failed to load: not retried per frame)
 
     def load(self) -> None:
         from m2vla_core.backbone import FrozenBackbone, default_backbone_path
@@ -76,6 +79,32 @@ class PerceptionEngine:
             self._unservable[wanted] = f"backbone {self.backbone_id} cannot take {wanted} px frames: {exc}"
             raise ValueError(self._unservable[wanted]) from None
         return True
+
+    def use_localiser(self, directory: str) -> bool:
+        """Read the named objects with the localiser in ``directory`` ("" = none); True when that
+        changed. ValueError when it cannot be used: none is used then, and the same directory is
+        not tried again until another was asked for."""
+        if self._default is None:
+            raise RuntimeError("PerceptionEngine.load() has not run")
+        if directory == self.localiser_dir:
+            return False
+        self.reader, self.localiser_dir = None, directory
+        if directory:
+            from m2vla_core.heads.localiser import NamedObjectReader, load_localiser
+
+            try:
+                localiser = load_localiser(directory, backbone=(self.backbone_id, self.backbone_digest))
+                self.reader = NamedObjectReader(localiser, self._default)
+            except Exception as exc:  # noqa: BLE001 - CheckpointError, or a backbone that cannot take its input size
+                raise ValueError(f"object localiser {directory}: {exc}") from None
+        return True
+
+    def read_named_objects(self, rgb: np.ndarray, instruction: str) -> np.ndarray:
+        """(4,) the named cube's and target's x, y [m] as the localiser reads them from ``rgb``."""
+        if self.reader is None:
+            raise RuntimeError("no object localiser in use")
+        self.check_image(rgb)
+        return self.reader.read(rgb, instruction)
 
     @property
     def backbone_id(self) -> str:

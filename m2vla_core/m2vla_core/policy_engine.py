@@ -6,6 +6,11 @@ and the error carries the ``LoadPolicy`` service code so the node can answer wit
 guessing. ``infer`` returns a chunk or ``None`` (a refusal whose reason is in
 ``refusal_reason``, e.g. a router that is not confident enough) and never a silent wrong action:
 non-finite output is a refusal too.
+
+A head that reads the named objects' positions (trained with ``m2vla features
+--privileged-state``) loads only with an object localiser in its checkpoint directory
+(``m2vla localiser``): ``localiser_dir`` names it, perception reads the positions with it, and
+``infer`` refuses to act without them.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class PolicyEngine:
         self._instruction_id: int | None = None
         self.checkpoint = ""
         self.backend = ""
+        self.localiser_dir = ""  # the object localiser the loaded head's state needs ("" = it reads none)
         self.refusal_reason = ""
 
     # -- loading ------------------------------------------------------------------------------
@@ -70,12 +76,14 @@ class PolicyEngine:
         if not path.exists():
             raise PolicyLoadError(NOT_FOUND, f"{path}: no such checkpoint")
         policy = self._build(path, backend, device)
+        localiser_dir = self._localiser_for(path, policy.config)
         digest = policy.config.backbone_digest
         if expected_backbone_digest and digest != expected_backbone_digest:
             raise PolicyLoadError(CONTRACT_MISMATCH, f"{path}: trained on backbone weights {digest[:12]}…, perception runs "
                                                      f"{expected_backbone_digest[:12]}…")
         with self._lock:
             self._policy, self.checkpoint, self.backend = policy, str(path), backend
+            self.localiser_dir = localiser_dir
             self._instruction_id = None
             self.refusal_reason = ""
 
@@ -101,6 +109,31 @@ class PolicyEngine:
             raise PolicyLoadError(BACKEND_ERROR, f"{path}: {backend} could not build the runtime: "
                                                  f"{type(exc).__name__}: {exc}") from None
 
+    @staticmethod
+    def _localiser_for(path: Path, config) -> str:
+        """The localiser directory a head reading the named objects' positions needs ("" for any
+        other head); PolicyLoadError when it has none or a broken one."""
+        from m2vla_core.heads.checkpoint import CheckpointError
+        from m2vla_core.heads.localiser import has_localiser, load_localiser
+        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, reads_privileged_state
+
+        try:
+            if not reads_privileged_state(config.state_names):
+                return ""
+        except ValueError as exc:
+            raise PolicyLoadError(INVALID_CHECKPOINT, f"{path}: {exc}") from None
+        if not (path.is_dir() and has_localiser(path)):
+            raise PolicyLoadError(INVALID_CHECKPOINT, f"{path}: the head reads the named objects' positions "
+                                                      f"{PRIVILEGED_STATE_NAMES} and the checkpoint holds no object "
+                                                      f"localiser to read them from the camera (`m2vla localiser "
+                                                      f"--out {path}`); without one it is a diagnostic head for "
+                                                      f"`m2vla eval`")
+        try:
+            load_localiser(path, backbone=(config.backbone_id, config.backbone_digest))
+        except CheckpointError as exc:
+            raise PolicyLoadError(INVALID_CHECKPOINT, f"{path}: {exc}") from None
+        return str(path)
+
     # -- what the node reads ------------------------------------------------------------------
     @property
     def loaded(self) -> bool:
@@ -125,14 +158,18 @@ class PolicyEngine:
         return self.config.backbone_digest if self.loaded else ""
 
     @property
+    def reads_object_positions(self) -> bool:
+        """The head's state ends with the named objects' x, y, which perception's localiser reads."""
+        return bool(self.localiser_dir)
+
+    @property
     def state_joint_names(self) -> tuple[str, ...]:
-        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES, reads_privileged_state
+        """The joints the head's state starts with, in its order (from /joint_states)."""
+        from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
 
         names = tuple(self.config.state_names)
-        if reads_privileged_state(names):
-            raise RuntimeError(f"checkpoint {self.checkpoint} reads privileged simulator state {PRIVILEGED_STATE_NAMES}: "
-                               "a diagnostic head for `m2vla eval`, not for a robot (with an object localiser "
-                               "beside it, `m2vla eval` reads them from the camera; the ROS nodes do not yet)")
+        if self.reads_object_positions:
+            return names[:-len(PRIVILEGED_STATE_NAMES)]
         if names:
             return names
         if self.config.state_dim == len(DEFAULT_STATE_NAMES):
@@ -172,10 +209,14 @@ class PolicyEngine:
             if self._policy is not None:
                 self._policy.reset()
 
-    def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray, instruction_id: int = 0) -> np.ndarray | None:
-        """features (L, T, D), mask (T,), state (S,) -> chunk (H, A), or None with ``refusal_reason`` set.
+    def infer(self, hidden: np.ndarray, mask: np.ndarray, state: np.ndarray, instruction_id: int = 0,
+              named_objects_xy: np.ndarray | None = None) -> np.ndarray | None:
+        """features (L, T, D), mask (T,), joints (S,) -> chunk (H, A), or None with ``refusal_reason`` set.
 
         A new ``instruction_id`` starts a new episode for the policy (router state is cleared).
+        ``named_objects_xy``: (4,) the named cube's and target's x, y [m] from perception's
+        localiser, for a head that reads them (``reads_object_positions``); missing or
+        non-finite ones are a refusal: the robot holds still rather than reach for a guess.
         Input shape / NaN errors raise ValueError: the caller counts and logs them.
         """
         with self._lock:
@@ -185,6 +226,13 @@ class PolicyEngine:
             if instruction_id != self._instruction_id:
                 policy.reset()
                 self._instruction_id = instruction_id
+            if self.localiser_dir:
+                xy = np.asarray(named_objects_xy if named_objects_xy is not None else (), dtype=np.float32).reshape(-1)
+                if xy.shape != (4,) or not np.isfinite(xy).all():
+                    self.refusal_reason = (f"the head needs the named objects' x, y from perception's object "
+                                           f"localiser, got {xy.tolist()}")
+                    return None
+                state = np.concatenate([np.asarray(state, dtype=np.float32).reshape(-1), xy])
             chunk = policy.infer(hidden, mask, state)
         if chunk is None:
             self.refusal_reason = str(getattr(policy, "refusal_reason", "") or "policy refused to act")

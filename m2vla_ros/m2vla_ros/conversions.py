@@ -478,7 +478,7 @@ def msg_to_features(msg: LayerFeatures, contract: Any = None) -> tuple[np.ndarra
 
 def hidden_to_msg(hidden: np.ndarray, mask: np.ndarray, contract: Any, *, stamp: Time | None = None,
                   frame_id: str = "", instruction_id: int = 0, instruction: str = "", backbone_id: str = "",
-                  backbone_digest: str = "", compute_ms: float = 0.0) -> LayerFeatures:
+                  backbone_digest: str = "", compute_ms: float = 0.0, named_objects_xy: Any = ()) -> LayerFeatures:
     layers, n_img, n_txt, width, dtype, size = _contract_fields(contract)
     hidden = np.asarray(hidden)
     mask = np.asarray(mask).reshape(-1)
@@ -490,6 +490,7 @@ def hidden_to_msg(hidden: np.ndarray, mask: np.ndarray, contract: Any, *, stamp:
                         backbone_id=str(backbone_id), backbone_digest=str(backbone_digest), layers=list(layers),
                         num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype, image_size=size,
                         compute_ms=float(compute_ms))
+    msg.named_objects_xy = [float(v) for v in np.asarray(named_objects_xy, dtype=np.float32).reshape(-1)]
     msg.mask = array.array("B", mask.astype(np.uint8).tobytes())
     msg.data = array.array("B", encode_hidden(hidden, dtype))
     if stamp is not None:
@@ -499,13 +500,14 @@ def hidden_to_msg(hidden: np.ndarray, mask: np.ndarray, contract: Any, *, stamp:
 
 
 def features_to_msg(bundle: Any, *, stamp: Time, frame_id: str = "", instruction_id: int = 0,
-                    backbone_digest: str = "", compute_ms: float = 0.0) -> LayerFeatures:
-    """m2vla_core.features.FeatureBundle -> LayerFeatures in the bundle's contract dtype."""
+                    backbone_digest: str = "", compute_ms: float = 0.0, named_objects_xy: Any = ()) -> LayerFeatures:
+    """m2vla_core.features.FeatureBundle (+ the localiser's reading, if any) -> LayerFeatures in the
+    bundle's contract dtype."""
     hidden, mask = bundle.numpy()  # (L, T, D) float32, (T,) bool
     return hidden_to_msg(hidden, mask, bundle.contract, stamp=stamp, frame_id=frame_id,
                          instruction_id=instruction_id, instruction=getattr(bundle, "instruction", ""),
                          backbone_id=getattr(bundle, "backbone_id", ""), backbone_digest=backbone_digest,
-                         compute_ms=compute_ms)
+                         compute_ms=compute_ms, named_objects_xy=named_objects_xy)
 
 
 def contract_from_msg(msg: FeatureContract):
@@ -522,12 +524,13 @@ def contract_from_msg(msg: FeatureContract):
 
 def contract_to_msg(source: Any, stamp: Time | None = None) -> FeatureContract:
     """A core FeatureContract, or an object with ``.contract`` (+ optional ``checkpoint``,
-    ``backbone_id``, ``backbone_digest``, e.g. the policy engine) -> FeatureContract message."""
+    ``backbone_id``, ``backbone_digest``, ``localiser_dir``, e.g. the policy engine) -> FeatureContract message."""
     contract = getattr(source, "contract", source)
     layers, n_img, n_txt, width, dtype, size = _contract_fields(contract)
     msg = FeatureContract(checkpoint=str(getattr(source, "checkpoint", "") or ""),
                           backbone_id=str(getattr(source, "backbone_id", "") or ""),
                           backbone_digest=str(getattr(source, "backbone_digest", "") or ""),
+                          localiser=str(getattr(source, "localiser_dir", "") or ""),
                           layers=list(layers), num_image_tokens=n_img, num_text_tokens=n_txt, width=width, dtype=dtype,
                           image_size=size)
     if stamp is not None:

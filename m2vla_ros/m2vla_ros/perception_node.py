@@ -8,6 +8,13 @@ deepest layer the head reads. Bad input is refused with a rate-limited log line 
 counter per kind in /diagnostics (``image:bad_encoding``, ``instruction:empty``, ...), never a
 crash: every callback is guarded, an unexpected exception is counted as ``<input>:internal``.
 
+When the contract names an object localiser (a head that reads the named objects' positions),
+the worker reads them once per instruction, from the first frame received after the instruction
+(so not a frame of the scene before a reset; the arm has not moved yet), and every LayerFeatures
+of that instruction carries them. No features go out for the instruction before that frame; a
+failed reading is counted, logged and retried on the next frame, and until one succeeds the
+features go out without positions (the policy then holds still).
+
 Instruction ids start at the node's start time in milliseconds and increase by one per
 accepted instruction, so they keep increasing across a restart of this node (the policy and
 operators compare them: a restarted perception must not look older than the one it replaced).
@@ -71,13 +78,17 @@ class PerceptionNode(Node):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._frame: _Frame | None = None
-        self._instruction: tuple[int, str] | None = None  # (instruction_id, text)
+        self._instruction: tuple[int, str, float] | None = None  # (instruction_id, text, received monotonic)
         self._contract = None
         self._contract_msg: FeatureContract | None = None
+        self._localiser_dir = ""  # the contract's object localiser ("" = the head reads no positions)
+        self._named: tuple[tuple[int, str], np.ndarray] | None = None  # ((instruction id, localiser), x, y)
         self._instruction_counter = time.time_ns() // 1_000_000  # see the module docstring
         self.counters = {"frames": 0, "frames_rejected": 0, "frames_skipped": 0, "frames_too_old": 0,
                          "instructions": 0, "instructions_rejected": 0, "contracts_rejected": 0,
-                         "features_published": 0, "backbone_errors": 0}
+                         "features_published": 0, "backbone_errors": 0, "localiser_readings": 0,
+                         "localiser_errors": 0}
+        self._localiser_ms = 0.0  # the last reading's time
         self._backbone_ready = False
 
         self.features_pub = self.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
@@ -119,7 +130,7 @@ class PerceptionNode(Node):
             return
         with self._lock:  # every accepted message is a new instruction id; the worker takes the newest
             self._instruction_counter += 1
-            self._instruction = (self._instruction_counter, text)
+            self._instruction = (self._instruction_counter, text, time.monotonic())
         self.counters["instructions"] += 1
         self.get_logger().info(f"instruction #{self._instruction_counter}: {short(text, 200)!r}",
                                throttle_duration_sec=0.5)  # an instruction flood must not flood the log
@@ -140,14 +151,16 @@ class PerceptionNode(Node):
             self.counters["contracts_rejected"] += 1
             self.rejections.reject("contract", f"mismatch: {exc}")
             return
+        localiser_dir = short(msg.localiser, 4096)
         with self._lock:
-            unchanged = contract == self._contract
-            self._contract, self._contract_msg = contract, msg
+            unchanged = (contract, localiser_dir) == (self._contract, self._localiser_dir)
+            self._contract, self._contract_msg, self._localiser_dir = contract, msg, localiser_dir
         if unchanged:
             return  # the policy republishes its contract every contract_period_s
         self.get_logger().info(f"feature contract: layers {list(contract.layers)}, "
                                f"{contract.num_image_tokens}+{contract.num_text_tokens} tokens, {contract.dtype}"
-                               + (f", {contract.image_size} px frames" if contract.image_size else ""))
+                               + (f", {contract.image_size} px frames" if contract.image_size else "")
+                               + (f", object localiser {localiser_dir}" if localiser_dir else ""))
         self._wake.set()
 
     # -- worker -------------------------------------------------------------------------------
@@ -171,6 +184,7 @@ class PerceptionNode(Node):
             self._wake.clear()
             with self._lock:
                 frame, instruction, contract = self._frame, self._instruction, self._contract
+                localiser_dir = self._localiser_dir
                 if frame is not None:
                     frame.used = True
             if frame is None or instruction is None or contract is None:
@@ -180,7 +194,7 @@ class PerceptionNode(Node):
                     last_too_old = frame
                     self.counters["frames_too_old"] += 1
                 continue
-            key = (id(frame), instruction[0], contract)
+            key = (id(frame), instruction[0], contract, localiser_dir)
             if key == last_key:
                 continue
             same_instruction = last_key is not None and last_key[1:] == key[1:]
@@ -198,10 +212,14 @@ class PerceptionNode(Node):
                     self.get_logger().warning(f"camera frames are {frame.rgb.shape[1]}x{frame.rgb.shape[0]} px, smaller "
                                            f"than the head's {contract.image_size} px input: they are upsampled",
                                            throttle_duration_sec=10.0)
+                named_xy = self._named_objects(frame, instruction, localiser_dir)
+                if named_xy is None:  # the localiser waits for a frame taken after the instruction
+                    last_run_s = 0.0  # which then goes at once
+                    continue
                 bundle, compute_ms = self.engine.extract(frame.rgb, instruction[1], contract)
                 msg = features_to_msg(bundle, stamp=frame.stamp, frame_id=frame.frame_id,
                                       instruction_id=instruction[0], backbone_digest=self.engine.backbone_digest,
-                                      compute_ms=compute_ms)
+                                      compute_ms=compute_ms, named_objects_xy=named_xy)
                 self.features_pub.publish(msg)
             except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
                 if not self.context.ok():
@@ -210,6 +228,43 @@ class PerceptionNode(Node):
                 self.rejections.reject("backbone", f"error: {type(exc).__name__}: {exc}")
                 continue
             self.counters["features_published"] += 1
+
+    def _named_objects(self, frame: _Frame, instruction: tuple[int, str, float],
+                       localiser_dir: str) -> np.ndarray | tuple | None:
+        """The named objects' x, y for this instruction: read by the contract's localiser from the
+        first frame received after the instruction, then reused; () when the head needs none or the
+        reading failed; None while ``frame`` came before the instruction."""
+        try:
+            if self.engine.use_localiser(localiser_dir) and localiser_dir:
+                self.get_logger().info(f"object localiser ready: {localiser_dir} "
+                                       f"({self.engine.reader.image_size} px frames)")
+        except ValueError as exc:
+            self.counters["contracts_rejected"] += 1
+            self.rejections.reject("contract", f"localiser: {exc}")
+        if self.engine.reader is None:
+            return ()
+        reading = (instruction[0], localiser_dir)
+        if self._named is None or self._named[0] != reading:
+            if frame.received_s < instruction[2]:
+                return None
+            if min(frame.rgb.shape[:2]) < self.engine.reader.image_size:
+                self.get_logger().warning(f"camera frames are {frame.rgb.shape[1]}x{frame.rgb.shape[0]} px, smaller "
+                                          f"than the object localiser's {self.engine.reader.image_size} px input: "
+                                          "they are upsampled and it reads them less precisely",
+                                          throttle_duration_sec=10.0)
+            t0 = time.perf_counter()
+            try:
+                xy = self.engine.read_named_objects(frame.rgb, instruction[1])
+            except ValueError as exc:
+                self.counters["localiser_errors"] += 1
+                self.rejections.reject("localiser", exc)
+                return ()
+            self._localiser_ms = (time.perf_counter() - t0) * 1e3
+            self._named = (reading, xy)
+            self.counters["localiser_readings"] += 1
+            self.get_logger().info(f"instruction #{instruction[0]}: named cube at ({xy[0]:.3f}, {xy[1]:.3f}) m, "
+                                   f"target at ({xy[2]:.3f}, {xy[3]:.3f}) m ({self._localiser_ms:.0f} ms)")
+        return self._named[1]
 
     def _publish_diagnostics(self) -> None:
         rejections = self.rejections.snapshot()
@@ -224,7 +279,9 @@ class PerceptionNode(Node):
                  "last_rejection": self.rejections.last, "backbone_ready": self._backbone_ready,
                  "contract_layers": ",".join(map(str, contract.layers)) if contract is not None else "",
                  "contract_image_size": contract.image_size if contract is not None else "",
-                 "backbone_image_size": self.engine.backbone.image_size if self._backbone_ready else ""}
+                 "backbone_image_size": self.engine.backbone.image_size if self._backbone_ready else "",
+                 "localiser": self.engine.localiser_dir if self.engine.reader is not None else "",
+                 "localiser_ms_last": f"{self._localiser_ms:.1f}"}
         self.diag_pub.publish(diagnostic_array("m2vla_perception", self.engine.backbone_id or "", level, message, items,
                                                self.get_clock().now().to_msg()))
 

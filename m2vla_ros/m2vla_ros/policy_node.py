@@ -3,7 +3,8 @@
 Runs on a timer at ``control_rate_hz`` and never waits on the VLM: each tick takes whatever
 features are newest and refuses to act when they (or the joint state) are older than the
 configured ages, or when the e-stop is latched. Loading a head announces its feature contract
-on the latched /m2vla/feature_contract topic so perception computes exactly what it reads;
+on the latched /m2vla/feature_contract topic so perception computes exactly what it reads (and,
+for a head that reads the named objects' positions, which object localiser reads them);
 ``~/load_policy`` swaps heads while running; a refused checkpoint (missing, pickle, truncated,
 unknown config keys, other backbone) keeps the running head and is answered with its code.
 
@@ -63,7 +64,8 @@ class PolicyNode(Node):
         self.p = declare_parameters(self, PARAMETERS)
         self.engine = PolicyEngine()
         self._lock = threading.Lock()
-        self._features = None  # (hidden, mask, LayerFeatures header stamp, instruction_id, received monotonic)
+        # (hidden, mask, LayerFeatures header stamp, instruction_id, received monotonic, named objects' x, y)
+        self._features = None
         self._generation = 0  # +1 per head loaded: features read against an older head's contract are dropped
         self._joints = None  # (positions ndarray, monotonic time DDS received it)
         self._estop = False
@@ -195,7 +197,8 @@ class PolicyNode(Node):
                 return  # a head was loaded while these were read against the old one's contract
             new_instruction = self._features is None or self._features[3] != int(msg.instruction_id)
             self._perception_digest = str(msg.backbone_digest)
-            self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic())
+            self._features = (hidden, mask, msg.header.stamp, int(msg.instruction_id), time.monotonic(),
+                              np.asarray(msg.named_objects_xy, dtype=np.float32))
         if new_instruction:
             self._tick_now()
 
@@ -256,7 +259,7 @@ class PolicyNode(Node):
         if features is None:
             return self._set_state(PolicyStatus.STATE_WAITING if self.status.state != PolicyStatus.STATE_IDLE
                                    else PolicyStatus.STATE_IDLE, "no features yet")
-        hidden, mask, obs_stamp, instruction_id, received = features
+        hidden, mask, obs_stamp, instruction_id, received, named_objects_xy = features
         if instruction_id <= self._stopped_instruction:
             return
         age_s = self._age_s(obs_stamp, received, now)
@@ -268,7 +271,7 @@ class PolicyNode(Node):
             return self._set_state(PolicyStatus.STATE_WAITING, "joint state missing or stale")
         try:
             t0 = time.perf_counter()
-            chunk = self.engine.infer(hidden, mask, joints[0], instruction_id)  # (H, A) or None
+            chunk = self.engine.infer(hidden, mask, joints[0], instruction_id, named_objects_xy)  # (H, A) or None
             self.status.inference_ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:  # noqa: BLE001 - a bad step is refused, never a crash
             self.rejections.reject("inference", f"error: {type(exc).__name__}: {exc}")

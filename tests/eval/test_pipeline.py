@@ -276,7 +276,7 @@ def test_privileged_names_anywhere_but_last_are_refused():
 def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_robot(pipeline, tmp_path):
     from m2vla_core.evaluation.agent import VLAAgent, perturb_named_objects
     from m2vla_core.export.cli import export_main
-    from m2vla_core.policy_engine import PolicyEngine
+    from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
     from m2vla_core.sim import SimConfig, TaskEnv
 
     _privileged_features(pipeline, tmp_path / "priv")
@@ -296,10 +296,8 @@ def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_
     np.testing.assert_array_equal(state[:8], obs.joint_positions.astype(np.float32))
     np.testing.assert_array_equal(state[8:], perturb_named_objects(obs.named_objects_xy, 0.03))
 
-    engine = PolicyEngine()
-    engine.load(str(ckpt))
-    with pytest.raises(RuntimeError, match="privileged"):
-        engine.state_joint_names  # noqa: B018 - the policy node asks this before it accepts a head
+    with pytest.raises(PolicyLoadError, match="no object localiser"):  # no robot has the sim's truth
+        PolicyEngine().load(str(ckpt))
 
 
 def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(pipeline, tmp_path,

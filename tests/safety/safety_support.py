@@ -43,11 +43,15 @@ def assert_no_jump(stamped: np.ndarray, slack: float = 1.05) -> None:
                                 f"(allowed {allowed[worst]:.4f}): a jump")
 
 
-def build_random_policy(directory: str | Path, *, seed: int = 0, export: bool = True, joints: int = 8) -> Path:
+def build_random_policy(directory: str | Path, *, seed: int = 0, export: bool = True, joints: int = 8,
+                        object_positions: bool = False, localiser: bool = True) -> Path:
     """Write config.json + model.safetensors (+ model.onnx when ``export``) into ``directory``.
 
     ``joints`` != 8: a head for an arm of that many unnamed joints (its config has no joint
-    names, so the Panda graph cannot drive it: a checkpoint the policy node must refuse)."""
+    names, so the Panda graph cannot drive it: a checkpoint the policy node must refuse).
+    ``object_positions``: the head's state ends with the named objects' x, y
+    (``PRIVILEGED_STATE_NAMES``), and a random object localiser (56 px frames) is written beside
+    it unless ``localiser`` is False."""
     import torch
 
     from m2vla_core.backbone import FrozenBackbone, default_backbone_path
@@ -58,19 +62,35 @@ def build_random_policy(directory: str | Path, *, seed: int = 0, export: bool = 
 
     backbone = FrozenBackbone.from_pretrained(str(default_backbone_path()))
     contract = backbone.contract((2, 4, 6), num_image_tokens=16, num_text_tokens=16)
+    from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+
+    extra = PRIVILEGED_STATE_NAMES if object_positions else ()
     config = small_head_config("mol+mlp", layers=contract.layers, num_image_tokens=contract.num_image_tokens,
-                               num_text_tokens=contract.num_text_tokens, width=contract.width, state_dim=joints,
-                               action_dim=joints)
+                               num_text_tokens=contract.num_text_tokens, width=contract.width,
+                               state_dim=joints + len(extra), action_dim=joints)
     config = replace(config, contract=contract, backbone_id=backbone.backbone_id,
                      backbone_digest=backbone.weights_digest)
+    if object_positions:
+        from m2vla_core.policy_engine import DEFAULT_STATE_NAMES
+
+        config = replace(config, state_names=(*DEFAULT_STATE_NAMES, *extra))
     torch.manual_seed(seed)
     head = PolicyHead(config).eval()
     if joints == 8:
-        head.normalizer.set_stats(HOME, np.full(8, 0.5), HOME, ACTION_STD)
+        state_mean, state_std = np.r_[HOME, np.zeros(len(extra))], np.full(8 + len(extra), 0.5)
+        head.normalizer.set_stats(state_mean, state_std, HOME, ACTION_STD)
     else:
         head.normalizer.set_stats(np.zeros(joints), np.ones(joints), np.zeros(joints), np.full(joints, 0.01))
     directory = Path(directory)
     save_head(head, directory)
+    if object_positions and localiser:
+        from m2vla_core.heads.localiser import LocaliserConfig, ObjectLocaliser, save_localiser
+        from m2vla_core.sim.tasks import object_keys
+
+        save_localiser(ObjectLocaliser(LocaliserConfig(backbone_id=backbone.backbone_id,
+                                                       backbone_digest=backbone.weights_digest,
+                                                       object_keys=object_keys(), image_size=56, num_image_tokens=4)),
+                       directory)
     if export:
         result = export_onnx(directory)
         if not result.ok:

@@ -253,6 +253,8 @@ def test_load_policy_refuses_bad_checkpoints_with_their_code_and_keeps_the_runni
     (other_backbone / "config.json").write_text(json.dumps(config))
 
     unnamed = build_random_policy(tmp_path / "six_unnamed_joints", export=False, joints=6)
+    blind = build_random_policy(tmp_path / "positions_without_localiser", export=False, object_positions=True,
+                                localiser=False)
 
     cases = [
         ("/nonexistent/checkpoint", "", LoadPolicy.Request.NOT_FOUND, "no such"),
@@ -263,6 +265,7 @@ def test_load_policy_refuses_bad_checkpoints_with_their_code_and_keeps_the_runni
         (str(other_backbone), "torch", LoadPolicy.Request.CONTRACT_MISMATCH, "backbone"),
         (str(good), "tensorflow", LoadPolicy.Request.BACKEND_ERROR, "backend"),
         (str(unnamed), "torch", LoadPolicy.Request.INVALID_CHECKPOINT, "joints"),  # loads, but fits no arm here
+        (str(blind), "torch", LoadPolicy.Request.INVALID_CHECKPOINT, "no object localiser"),  # eval-only head
     ]
     for checkpoint, backend, code, words in cases:
         answer = client.call(LoadPolicy, "/m2vla_policy/load_policy", LoadPolicy.Request(checkpoint=checkpoint,
@@ -272,7 +275,7 @@ def test_load_policy_refuses_bad_checkpoints_with_their_code_and_keeps_the_runni
     t_after = time.monotonic()
     status = client.wait_for(lambda: client.latest("policy_status", t_after), 10.0, "a policy status")
     assert status.checkpoint == str(good) and status.backend == "onnxruntime", "a refused load replaced the head"
-    _wait_counts(client, "m2vla_policy", {"load_policy:not_found": 1, "load_policy:invalid_checkpoint": 5,
+    _wait_counts(client, "m2vla_policy", {"load_policy:not_found": 1, "load_policy:invalid_checkpoint": 6,
                                           "load_policy:contract_mismatch": 1, "load_policy:backend_error": 1}, t_after)
     stack.wait_for_motion(t_after, chunks=2, timeout_s=30.0)  # the running head never stopped
     assert not stack.graph.dead(), f"a node died: {stack.graph.dead()}"

@@ -102,6 +102,7 @@ class VLAAgent:
                              "`m2vla features --privileged-state`")
         self.privileged_error_m = privileged_error_m
         self.localiser = localiser
+        self.reader = None  # runs the localiser on its own input size (NamedObjectReader)
         self._perceived_xy: np.ndarray | None = None  # the localiser's reading of this episode's first frame
         if localiser is not None:
             if not self.privileged:
@@ -110,15 +111,9 @@ class VLAAgent:
             if privileged_error_m:
                 raise ValueError("a privileged error applies to simulator truth; with a localiser the positions "
                                  "come from the camera")
-            cfg = localiser.config
-            if (cfg.backbone_id, cfg.backbone_digest) != (backbone.backbone_id, backbone.weights_digest):
-                raise ValueError(f"the localiser was fitted on backbone {cfg.backbone_id!r}, the head runs on "
-                                 f"{backbone.backbone_id!r}")
-            self.localiser_backbone = backbone.at_image_size(cfg.image_size)
-            self.localiser_contract = self.localiser_backbone.contract([cfg.layer], num_text_tokens=cfg.num_text_tokens)
-            if self.localiser_contract.num_image_tokens != cfg.num_image_tokens:
-                raise ValueError(f"the localiser reads {cfg.num_image_tokens} image tokens, the backbone gives "
-                                 f"{self.localiser_contract.num_image_tokens} at {cfg.image_size} px")
+            from m2vla_core.heads.localiser import NamedObjectReader
+
+            self.reader = NamedObjectReader(localiser, backbone)
         self.backbone_ms: list[float] = []  # per act(): feature extraction time
         self.head_ms: list[float] = []  # per act(): head inference time
         self.localiser_ms: list[float] = []  # per episode: the localiser's one reading (its own backbone pass)
@@ -230,13 +225,7 @@ class VLAAgent:
 
     def perceive(self, image: np.ndarray, instruction: str) -> np.ndarray:
         """(4,) the named cube's and target's x, y [m] as the localiser reads them from ``image``."""
-        bundle = self.localiser_backbone.extract(image, instruction, self.localiser_contract)
-        hidden = bundle.hidden[0].float().cpu()[None]  # (1, T, D)
-        n_img = self.localiser_contract.num_image_tokens
-        xy = self.localiser.named_xy(hidden[:, :n_img], hidden[:, n_img:])[0].numpy().astype(np.float32)
-        if not np.isfinite(xy).all():
-            raise ValueError(f"the object localiser read non-finite positions {xy.tolist()}; refusing to act on them")
-        return xy
+        return self.reader.read(image, instruction)
 
     def state(self, observation) -> np.ndarray:
         """(S,) the head's state input: the joints, then the named objects' positions if it reads

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,3 +203,42 @@ def load_localiser(directory: str | os.PathLike, *, backbone: tuple[str, str] | 
         raise CheckpointError(f"{weights}: feature std must be positive")
     localiser.load_state_dict(state)
     return localiser.eval()
+
+
+class NamedObjectReader:
+    """A localiser beside the backbone it reads: one camera frame + instruction -> the named
+    objects' (cube x, cube y, target x, target y) [m].
+
+    The one way both ``m2vla eval`` (``VLAAgent``) and the perception node run a localiser. It
+    reads its own input size (``LocaliserConfig.image_size``) through a resized view of the
+    head's backbone (shared weights) and stops at its one layer, so a reading costs a shallow
+    pass, done once per instruction.
+    """
+
+    def __init__(self, localiser: ObjectLocaliser, backbone) -> None:
+        cfg = localiser.config
+        if (cfg.backbone_id, cfg.backbone_digest) != (backbone.backbone_id, backbone.weights_digest):
+            raise ValueError(f"the localiser was fitted on backbone {cfg.backbone_id!r} (weights "
+                             f"{cfg.backbone_digest[:12]}), this backbone is {backbone.backbone_id!r} "
+                             f"(weights {backbone.weights_digest[:12]})")
+        self.localiser = localiser
+        self.backbone = backbone.at_image_size(cfg.image_size)
+        self.contract = self.backbone.contract([cfg.layer], num_text_tokens=cfg.num_text_tokens)
+        if self.contract.num_image_tokens != cfg.num_image_tokens:
+            raise ValueError(f"the localiser reads {cfg.num_image_tokens} image tokens, the backbone gives "
+                             f"{self.contract.num_image_tokens} at {cfg.image_size} px")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.localiser.config.image_size)
+
+    def read(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """(4,) float32 x, y of the named cube and of its target; ValueError when non-finite (a
+        robot must not act on them)."""
+        bundle = self.backbone.extract(image, instruction, self.contract)
+        hidden = bundle.hidden[0].float().cpu()[None]  # (1, T, D)
+        n_img = self.contract.num_image_tokens
+        xy = self.localiser.named_xy(hidden[:, :n_img], hidden[:, n_img:])[0].numpy().astype(np.float32)
+        if not np.isfinite(xy).all():
+            raise ValueError(f"the object localiser read non-finite positions {xy.tolist()}; refusing to act on them")
+        return xy

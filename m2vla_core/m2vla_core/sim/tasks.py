@@ -108,8 +108,9 @@ OBJECT_XY_NAMES = tuple(f"{key}_{axis}" for key in object_keys() for axis in "xy
 NAMED_OBJECT_XY_NAMES = ("cube_x", "cube_y", "target_x", "target_y")
 # State entries a diagnostic head may read on top of the joints: the named objects' positions
 # from the simulator (``EpisodeSpec.named_objects_xy``). A head trained with them shows what the
-# policy could do if perception located the objects perfectly; no robot has them, and the ROS
-# policy node refuses such a head.
+# policy could do if perception located the objects perfectly. No robot has them: the ROS policy
+# node loads such a head only with an object localiser beside it (``m2vla localiser``), whose
+# reading of the camera perception sends in their place.
 PRIVILEGED_STATE_NAMES = tuple(f"privileged_{name}" for name in NAMED_OBJECT_XY_NAMES)
 
 
