@@ -32,6 +32,8 @@ ARGUMENTS: tuple[Argument, ...] = (
     Argument("device", "cpu", "Where the backbone and the head run.", ("cpu", "cuda")),
     Argument("backend", "onnxruntime", "Head runtime.", ("onnxruntime", "torch")),
     Argument("task", "reach_above", "Initial sim task (sim:=true only)."),
+    Argument("camera_size", "", "[px] side of the sim camera's square frames (sim:=true only); empty = sim.yaml's "
+                                "(448: the shipped policy's object localiser reads 448 px frames)."),
     Argument("controller_topic", "/joint_trajectory_controller/joint_trajectory",
              "ros2_control JointTrajectory topic of the real arm (sim:=false only)."),
 )
@@ -65,6 +67,8 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
         if choices and value.lower() not in choices:
             raise ValueError(f"launch argument {name}:={value!r} must be one of {choices}")
         values[name] = value.lower() if choices else value
+    if values["camera_size"]:
+        _camera_size(values["camera_size"])
     return values
 
 
@@ -74,6 +78,16 @@ def _is_true(value: str) -> bool:
     if value.lower() in FALSE_WORDS:
         return False
     raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _camera_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"camera_size:={value!r} must be a whole number of pixels") from None
+    if not 8 <= size <= 2048:
+        raise ValueError(f"camera_size:={size} must be within 8..2048 px")
+    return size
 
 
 def resolve(args: dict[str, str]) -> list[ResolvedNode]:
@@ -91,7 +105,11 @@ def resolve(args: dict[str, str]) -> list[ResolvedNode]:
                                                     "trajectory_topic": values["controller_topic"]}),
     ]
     if sim:
-        nodes.append(ResolvedNode("m2vla_sim", "sim_node", "sim.yaml", {"task": values["task"]}))
+        sim_overrides = {"task": values["task"]}
+        if values["camera_size"]:
+            size = _camera_size(values["camera_size"])
+            sim_overrides.update(image_width=size, image_height=size)
+        nodes.append(ResolvedNode("m2vla_sim", "sim_node", "sim.yaml", sim_overrides))
     return nodes
 
 

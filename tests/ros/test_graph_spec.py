@@ -36,6 +36,14 @@ def test_bringup_dry_run_starts_exactly_the_spec_nodes(words, ros_env, python):
     assert [s["cmd"][1:] for s in started] == [node_command(n, graph.config_dir())[1:] for n in expected]
 
 
+def test_camera_size_sets_the_sim_cameras_square_frames_and_empty_keeps_sim_yaml():
+    graph = _graph()
+    sim = {n.name: n for n in graph.resolve(graph.parse_arguments(["camera_size:=448"]))}["m2vla_sim"]
+    assert (sim.overrides["image_width"], sim.overrides["image_height"]) == (448, 448)
+    sim = {n.name: n for n in graph.resolve(graph.parse_arguments([]))}["m2vla_sim"]
+    assert "image_width" not in sim.overrides
+
+
 def test_sim_false_drops_the_sim_node_and_targets_ros2_control():
     graph = _graph()
     nodes = {n.name: n for n in graph.resolve(graph.parse_arguments(["sim:=false"]))}
@@ -61,7 +69,7 @@ def test_launch_file_declares_every_argument_and_builds_nodes_only_from_the_spec
 
 def test_every_parameter_the_spec_sets_is_declared_in_the_node_yaml():
     graph = _graph()
-    for words in ([], ["sim:=false"]):
+    for words in ([], ["sim:=false"], ["camera_size:=448"]):
         for node in graph.resolve(graph.parse_arguments(words)):
             data = yaml.safe_load((CONFIG_DIR / node.params_file).read_text())
             assert node.name in data, f"{node.params_file} must be keyed by the node name {node.name}"
@@ -70,7 +78,7 @@ def test_every_parameter_the_spec_sets_is_declared_in_the_node_yaml():
             assert not missing, f"{node.name}: overrides {missing} not declared in {node.params_file}"
 
 
-@pytest.mark.parametrize("bad", [["sim"], ["simm:=true"], ["device:=tpu"]])
+@pytest.mark.parametrize("bad", [["sim"], ["simm:=true"], ["device:=tpu"], ["camera_size:=big"], ["camera_size:=4"]])
 def test_bad_launch_arguments_are_refused_with_a_clear_message(bad, ros_env, python):
     out = subprocess.run([python, "-m", "m2vla_ros.cli", "bringup", "--dry-run", *bad],
                          env=ros_env, capture_output=True, text=True, timeout=60)

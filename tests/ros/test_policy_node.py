@@ -14,6 +14,7 @@ from sensor_msgs.msg import JointState
 
 from m2vla_core.assets_paths import default_policy_path
 from m2vla_core.heads.checkpoint import load_head_config
+from m2vla_core.sim.tasks import reads_privileged_state
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_ros import qos
 from m2vla_ros.conversions import array_to_joint_state, hidden_to_msg
@@ -58,6 +59,8 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=contract.shape).astype(np.float32)
     mask = np.ones(hidden.shape[1], dtype=bool)
+    # a head that reads the named objects' positions gets them with the features, as perception sends them
+    positions = (0.55, 0.1, 0.45, -0.15) if reads_privileged_state(config.state_names) else ()
 
     stop = threading.Event()
     arm_streaming = threading.Event()
@@ -75,7 +78,8 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
         while not stop.wait(0.2):  # one lost 156 kB sample must not look like a node that did not act
             features_pub.publish(hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(),
                                                instruction_id=instruction["id"],
-                                               backbone_digest=config.backbone_digest))
+                                               backbone_digest=config.backbone_digest,
+                                               named_objects_xy=positions))
 
     def publish(instruction_id: int) -> None:  # a new instruction: only its first features are "new"
         instruction["id"] = instruction_id
