@@ -31,6 +31,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
+from visualization_msgs.msg import Marker, MarkerArray
 
 from m2vla_core.instructions import InstructionError, clean_instruction
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
@@ -53,7 +54,9 @@ PARAMETERS = {
     "stop_at_deepest_layer": (True, "run the VLM only up to the deepest layer the head reads"),
     "reuse_instruction": (True, "reuse the instruction's computation across frames where supported"),
     "torch_threads": (1, "CPU threads of the backbone; more starve the controller on a small machine", (1, 256)),
+    "base_frame": ("panda_link0", "frame of the object localiser's positions (/m2vla/named_objects markers)"),
 }
+CUBE_COLOUR, TARGET_COLOUR = (1.0, 0.5, 0.0), (0.2, 0.6, 1.0)  # rviz: where the policy is told the objects are
 
 
 @dataclass
@@ -92,6 +95,7 @@ class PerceptionNode(Node):
         self._backbone_ready = False
 
         self.features_pub = self.create_publisher(LayerFeatures, "/m2vla/features", qos.FEATURES)
+        self.named_pub = self.create_publisher(MarkerArray, "/m2vla/named_objects", qos.STATUS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos.STATUS)
         guard = self.rejections.guard
         self.create_subscription(Image, self.p["image_topic"], guard("image", self._on_image), qos.SENSOR)
@@ -264,7 +268,24 @@ class PerceptionNode(Node):
             self.counters["localiser_readings"] += 1
             self.get_logger().info(f"instruction #{instruction[0]}: named cube at ({xy[0]:.3f}, {xy[1]:.3f}) m, "
                                    f"target at ({xy[2]:.3f}, {xy[3]:.3f}) m ({self._localiser_ms:.0f} ms)")
+            self._publish_named_markers(xy)
         return self._named[1]
+
+    def _publish_named_markers(self, xy: np.ndarray) -> None:
+        """Two markers on the table where the localiser read the named cube (box) and its target (disc)."""
+        stamp = self.get_clock().now().to_msg()
+        markers = []
+        for marker_id, (x, y), shape, size, colour in ((0, xy[:2], Marker.CUBE, (0.05, 0.05, 0.05), CUBE_COLOUR),
+                                                        (1, xy[2:], Marker.CYLINDER, (0.09, 0.09, 0.004), TARGET_COLOUR)):
+            marker = Marker(ns="m2vla_named_objects", id=marker_id, type=shape, action=Marker.ADD)
+            marker.header.frame_id, marker.header.stamp = self.p["base_frame"], stamp
+            marker.pose.position.x, marker.pose.position.y, marker.pose.position.z = float(x), float(y), size[2] / 2
+            marker.pose.orientation.w = 1.0
+            marker.scale.x, marker.scale.y, marker.scale.z = size
+            marker.color.r, marker.color.g, marker.color.b = colour
+            marker.color.a = 0.5
+            markers.append(marker)
+        self.named_pub.publish(MarkerArray(markers=markers))
 
     def _publish_diagnostics(self) -> None:
         rejections = self.rejections.snapshot()

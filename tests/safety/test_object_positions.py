@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from safety_support import build_random_policy
+from visualization_msgs.msg import MarkerArray
 
 from m2vla_core.perception import PerceptionConfig, PerceptionEngine
 from m2vla_core.policy_engine import DEFAULT_STATE_NAMES, INVALID_CHECKPOINT, PolicyEngine, PolicyLoadError
@@ -89,9 +90,11 @@ def test_perception_reads_the_positions_with_the_contracts_localiser_and_refuses
 def test_in_the_graph_the_features_carry_the_read_positions_and_the_arm_moves(stack, positions_policy):
     client = stack.client
     seen: list[tuple[int, tuple[float, ...]]] = []
+    shown: list = []  # rviz markers: where the localiser read the objects
     client.node.create_subscription(LayerFeatures, "/m2vla/features",
                                     lambda m: seen.append((int(m.instruction_id), tuple(m.named_objects_xy))),
                                     qos.FEATURES)
+    client.node.create_subscription(MarkerArray, "/m2vla/named_objects", shown.append, qos.STATUS)
     try:
         answer = client.call(LoadPolicy, "/m2vla_policy/load_policy", LoadPolicy.Request(checkpoint=str(positions_policy)))
         assert answer.success, answer.message
@@ -105,6 +108,10 @@ def test_in_the_graph_the_features_carry_the_read_positions_and_the_arm_moves(st
         assert len(readings) == 1, f"one reading per instruction, reused by every message: {readings}"
         reading = next(iter(readings))
         assert len(reading) == 4 and np.isfinite(reading).all()
+        markers = client.wait_for(lambda: shown and shown[-1].markers, 10.0, "the named objects' markers")
+        np.testing.assert_allclose([(m.pose.position.x, m.pose.position.y) for m in markers],
+                                   np.reshape(reading, (2, 2)), atol=1e-6)
+        assert {m.header.frame_id for m in markers} == {"panda_link0"}
     finally:
         answer = client.call(LoadPolicy, "/m2vla_policy/load_policy", LoadPolicy.Request(checkpoint=str(stack.policy)))
         assert answer.success, answer.message
