@@ -249,7 +249,8 @@ def features_main(argv: list[str]) -> int:
                    help="[px] square frame the backbone sees (Qwen2-VL family; 0 = its default); the head's contract "
                         "carries it, so eval and the perception node load the backbone at the same size")
     p.add_argument("--privileged-state", action="store_true",
-                   help="append the named objects' true x, y to the state: a diagnostic head for m2vla eval only")
+                   help="append the named objects' true x, y to the state: the head then needs them at run "
+                        "time, from the simulator (m2vla eval) or from an object localiser beside it (m2vla localiser)")
     p.add_argument("--object-targets", action="store_true",
                    help="store every object's true x, y as auxiliary targets, for a head trained with "
                         "aux_weight > 0 (`m2vla train --aux-weight`); the head never reads them")
