@@ -132,7 +132,7 @@ class PolicyEngine:
             load_localiser(path, backbone=(config.backbone_id, config.backbone_digest))
         except CheckpointError as exc:
             raise PolicyLoadError(INVALID_CHECKPOINT, f"{path}: {exc}") from None
-        return str(path)
+        return str(path.resolve())  # perception runs in another process, maybe from another directory
 
     # -- what the node reads ------------------------------------------------------------------
     @property

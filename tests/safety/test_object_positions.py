@@ -36,9 +36,9 @@ def test_such_a_head_loads_only_with_its_localiser_and_announces_it_in_its_contr
         engine.load(blind, backend="torch")
     assert refused.value.code == INVALID_CHECKPOINT and not engine.loaded
     engine.load(positions_policy)
-    assert engine.localiser_dir == str(positions_policy) and engine.reads_object_positions
+    assert engine.localiser_dir == str(positions_policy.resolve()) and engine.reads_object_positions
     assert engine.state_joint_names == DEFAULT_STATE_NAMES  # what /joint_states supplies; the rest is perception's
-    assert contract_to_msg(engine).localiser == str(positions_policy)
+    assert contract_to_msg(engine).localiser == str(positions_policy.resolve())
     (positions_policy / "localiser.safetensors").rename(tmp_path / "moved")  # half a localiser: refused
     try:
         with pytest.raises(PolicyLoadError, match="localiser.safetensors"):
@@ -102,7 +102,7 @@ def test_in_the_graph_the_features_carry_the_read_positions_and_the_arm_moves(st
         stack.wait_for_motion(t0, chunks=3)
         values = client.wait_for(lambda: (v := client.diagnostics("m2vla_perception", t0)) and
                                  int(v.get("localiser_readings", 0)) >= 1 and v, 30.0, "a localiser reading")
-        assert values["localiser"] == str(positions_policy)
+        assert values["localiser"] == str(positions_policy.resolve())
         latest = seen[-1][0]
         readings = {xy for instruction_id, xy in seen if instruction_id == latest}
         assert len(readings) == 1, f"one reading per instruction, reused by every message: {readings}"
