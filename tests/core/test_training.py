@@ -334,3 +334,29 @@ def test_a_standardizing_head_is_trained_with_its_training_splits_feature_stats_
     head = load_head(tmp_path / "ckpt")
     torch.testing.assert_close(head.mol.feature_mean, tokens.mean(-1).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(head.mol.feature_std, tokens.std(-1, unbiased=False).float(), atol=1e-4, rtol=1e-3)
+
+
+# -- position noise: a head that will read a localiser's positions is trained on perturbed ones --
+def test_position_noise_moves_each_named_point_by_the_given_spread_and_nothing_else():
+    from m2vla_core.training.trainer import perturb_positions
+
+    joints = torch.randn(4000, 8)
+    reach = torch.tensor([0.5, 0.1, 0.5, 0.1]).expand(2000, 4)  # the target is the cube itself
+    place = torch.tensor([0.5, 0.1, 0.4, -0.2]).expand(2000, 4)
+    state = torch.cat([joints, torch.cat([reach, place])], dim=1)
+    moved = perturb_positions(state, 0.01, step=7, cfg=TrainConfig())
+    assert torch.equal(moved[:, :8], state[:, :8]) and not torch.equal(moved, state)
+    offset = (moved - state)[:, 8:]
+    assert float(offset.std()) == pytest.approx(0.01, rel=0.05)
+    assert torch.equal(offset[:2000, :2], offset[:2000, 2:])  # reach: cube and target move together
+    assert not torch.allclose(offset[2000:, :2], offset[2000:, 2:])  # place: each point its own draw
+    assert torch.equal(moved, perturb_positions(state, 0.01, step=7, cfg=TrainConfig()))  # a resume repeats it
+    assert not torch.equal(moved, perturb_positions(state, 0.01, step=8, cfg=TrainConfig()))
+
+
+def test_position_noise_needs_positions_in_the_state_and_a_finite_spread(data_dir, tmp_path, capsys):
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "n"), "--steps", "1",
+                       "--position-noise-cm", "1", "--no-progress"]) == 2
+    assert "--privileged-state" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="position_noise_m"):
+        TrainConfig(position_noise_m=float("nan"))

@@ -282,7 +282,8 @@ def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_
     _privileged_features(pipeline, tmp_path / "priv")
     ckpt = tmp_path / "ckpt"
     assert train_main(["--data", str(tmp_path / "priv"), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
-                       "--no-progress"]) == 0
+                       "--position-noise-cm", "1", "--no-progress"]) == 0
+    assert json.loads((ckpt / "train.json").read_text())["run"]["train"]["position_noise_m"] == pytest.approx(0.01)
     assert export_main([str(ckpt)]) == 0
     json_path = tmp_path / "eval.json"
     assert eval_main(["--policy", str(ckpt), "--episodes", "1", "--tasks", "reach_above", "--max-steps", "4",

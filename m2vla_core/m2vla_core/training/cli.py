@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-first-frames", type=int,
                    help="learn the auxiliary targets from each episode's first N frames only (0 = all); overrides "
                         "the config")
+    p.add_argument("--position-noise-cm", type=float,
+                   help="std per axis [cm] of noise on the named objects' x, y in a --privileged-state dataset's "
+                        "state: for a head that will read them from an object localiser; overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -57,8 +60,10 @@ def train_main(argv: list[str]) -> int:
             run = saved_run_config(args.out) if args.resume else run_config_from_preset(DEFAULT_PRESET)
         else:
             run = resolve_run_config(args.config)
+        noise_m = None if args.position_noise_cm is None else args.position_noise_cm / 100.0
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
-                                       ("aux_first_frames", args.aux_first_frames)) if v is not None}
+                                       ("aux_first_frames", args.aux_first_frames), ("position_noise_m", noise_m))
+                     if v is not None}
         arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
         run = replace(run, arch=arch, train=replace(run.train, **overrides))  # one check of both together
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,

@@ -66,6 +66,11 @@ class TrainConfig:
     # its own; 0 = every frame. Later frames of a demonstration show the arm closing in on the
     # cube, and a predictor that reads the arm instead of the cube fails in closed loop.
     aux_first_frames: int = 0
+    # [m] std (per axis) of Gaussian noise added to the named objects' x, y in the state of each
+    # training sample (a head trained with ``--privileged-state``): a head that will read them from
+    # an object localiser learns to tolerate its centimetre errors instead of trusting the
+    # simulator's exact values. One draw per point; a target that is the cube itself moves with it.
+    position_noise_m: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_max_samples"):
@@ -83,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not (math.isfinite(self.position_noise_m) and self.position_noise_m >= 0):
+            raise ValueError(f"TrainConfig.position_noise_m must be finite and >= 0, got {self.position_noise_m}")
 
 
 @dataclass
@@ -133,6 +140,20 @@ def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig, stream: i
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + stream * 7_919_000_017)
     picks = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen).numpy()
     return train_idx[picks]
+
+
+def perturb_positions(state: torch.Tensor, std_m: float, step: int, cfg: TrainConfig) -> torch.Tensor:
+    """(B, S) state whose last 4 entries are cube x, y, target x, y -> a copy with each point moved
+    by N(0, std_m^2) per axis (the draw depends on the seed and step only: a resumed run repeats
+    it); where the target is the cube itself (reach, lift) both move together."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 3 * 7_919_000_017)
+    noise = torch.randn(len(state), 2, 2, generator=gen) * std_m  # (B, point, xy)
+    xy = state[:, -4:].reshape(-1, 2, 2)
+    same = (xy[:, 0] == xy[:, 1]).all(-1)  # (B,)
+    noise[same, 1] = noise[same, 0]
+    out = state.clone()
+    out[:, -4:] = (xy + noise.to(state.dtype)).reshape(-1, 4)
+    return out
 
 
 def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -330,6 +351,11 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         start = 0
     t0 = time.perf_counter()
 
+    from m2vla_core.sim.tasks import reads_privileged_state
+
+    if cfg.position_noise_m and not reads_privileged_state(dataset.meta.state_names):
+        raise DatasetError(f"{data_dir}: position noise needs the named objects' x, y in the state "
+                           "(`m2vla features --privileged-state`)")
     aux_train_idx = aux_sample_indices(dataset, train_idx, cfg.aux_first_frames)
     if head.aux_predictor is not None and not len(aux_train_idx):
         raise DatasetError(f"{data_dir}: no training samples for the auxiliary loss")
@@ -351,8 +377,10 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        action_loss, aux_loss = _losses(head, dataset.batch(_batch_indices(train_idx, step, cfg)),
-                                        exclude=run.arch.msm.exclude_same_episode)
+        batch = dataset.batch(_batch_indices(train_idx, step, cfg))
+        if cfg.position_noise_m:
+            batch["state"] = perturb_positions(batch["state"], cfg.position_noise_m, step, cfg)
+        action_loss, aux_loss = _losses(head, batch, exclude=run.arch.msm.exclude_same_episode)
         if aux_loss is not None and cfg.aux_first_frames:  # its own batch: few samples qualify
             aux_loss = _losses(head, dataset.batch(_batch_indices(aux_train_idx, step, cfg, stream=1)), exclude=False)[1]
         loss = action_loss if aux_loss is None else action_loss + run.arch.aux_weight * aux_loss
