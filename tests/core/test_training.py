@@ -358,5 +358,6 @@ def test_position_noise_needs_positions_in_the_state_and_a_finite_spread(data_di
     assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "n"), "--steps", "1",
                        "--position-noise-cm", "1", "--no-progress"]) == 2
     assert "--privileged-state" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="position_noise_m"):
         TrainConfig(position_noise_m=float("nan"))

@@ -316,6 +316,11 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     cfg = run.train
     data_dir, out = Path(data_dir), Path(out_dir)
     dataset = FeatureDataset(data_dir)
+    from m2vla_core.sim.tasks import reads_privileged_state
+
+    if cfg.position_noise_m and not reads_privileged_state(dataset.meta.state_names):
+        raise DatasetError(f"{data_dir}: position noise needs the named objects' x, y in the state "
+                           "(`m2vla features --privileged-state`)")
     train_idx, full_val_idx = dataset.split_by_episode(cfg.val_fraction, seed=cfg.seed)
     val_idx, aux_val_idx = validation_indices(dataset, full_val_idx, cfg)
     history: dict[str, list] = {"train": [], "val": []}
@@ -351,11 +356,6 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         start = 0
     t0 = time.perf_counter()
 
-    from m2vla_core.sim.tasks import reads_privileged_state
-
-    if cfg.position_noise_m and not reads_privileged_state(dataset.meta.state_names):
-        raise DatasetError(f"{data_dir}: position noise needs the named objects' x, y in the state "
-                           "(`m2vla features --privileged-state`)")
     aux_train_idx = aux_sample_indices(dataset, train_idx, cfg.aux_first_frames)
     if head.aux_predictor is not None and not len(aux_train_idx):
         raise DatasetError(f"{data_dir}: no training samples for the auxiliary loss")
