@@ -136,18 +136,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _step_generator(cfg: TrainConfig, step: int, stream: int) -> torch.Generator:
+    """The draws of one step and purpose (``stream``) depend on the seed and step only, so a
+    resumed run repeats them."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + stream * 7_919_000_017)
+
+
 def _batch_indices(train_idx: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> np.ndarray:
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + stream * 7_919_000_017)
+    gen = _step_generator(cfg, step, stream)
     picks = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen).numpy()
     return train_idx[picks]
 
 
 def perturb_positions(state: torch.Tensor, std_m: float, step: int, cfg: TrainConfig) -> torch.Tensor:
     """(B, S) state whose last 4 entries are cube x, y, target x, y -> a copy with each point moved
-    by N(0, std_m^2) per axis (the draw depends on the seed and step only: a resumed run repeats
-    it); where the target is the cube itself (reach, lift) both move together."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 3 * 7_919_000_017)
-    noise = torch.randn(len(state), 2, 2, generator=gen) * std_m  # (B, point, xy)
+    by N(0, std_m^2) per axis (``_step_generator``: a resumed run repeats the draw); where the
+    target is the cube itself (reach, lift) both move together."""
+    noise = torch.randn(len(state), 2, 2, generator=_step_generator(cfg, step, stream=3)) * std_m  # (B, point, xy)
     xy = state[:, -4:].reshape(-1, 2, 2)
     same = (xy[:, 0] == xy[:, 1]).all(-1)  # (B,)
     noise[same, 1] = noise[same, 0]
@@ -312,12 +317,12 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     """Train (or resume) a head; returns the loss history. ``run.train.steps`` is the total (the
     LR schedule's length); ``stop_after`` ends the session early at that step with a resumable
     checkpoint (time-boxed jobs; an interrupted run)."""
+    from m2vla_core.sim.tasks import reads_privileged_state
+
     run = run or run_config_from_preset()
     cfg = run.train
     data_dir, out = Path(data_dir), Path(out_dir)
     dataset = FeatureDataset(data_dir)
-    from m2vla_core.sim.tasks import reads_privileged_state
-
     if cfg.position_noise_m and not reads_privileged_state(dataset.meta.state_names):
         raise DatasetError(f"{data_dir}: position noise needs the named objects' x, y in the state "
                            "(`m2vla features --privileged-state`)")
