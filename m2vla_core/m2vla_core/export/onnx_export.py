@@ -53,8 +53,8 @@ def example_inputs(head: PolicyHead, batch: int, seed: int = 0) -> tuple[torch.T
     n_img, n_txt = cfg.contract.num_image_tokens, cfg.contract.num_text_tokens
     valid_text = torch.randint(1, n_txt + 1, (batch,), generator=gen)
     mask[:, n_img:] = torch.arange(n_txt)[None, :] < valid_text[:, None]
-    norm = head.normalizer
-    state = norm.state_mean + norm.state_std * torch.randn(batch, cfg.state_dim, generator=gen)  # (B, S)
+    norm, s = head.normalizer, cfg.state_dim  # the normaliser's first S entries are the given state's
+    state = norm.state_mean[:s] + norm.state_std[:s] * torch.randn(batch, s, generator=gen)  # (B, S)
     return features, mask, state
 
 

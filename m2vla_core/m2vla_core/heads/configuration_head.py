@@ -43,8 +43,17 @@ class HeadArchConfig:
     # the MoL latent. The action loss alone never made the latent say where the cube is; this
     # supervises it directly. 0 = off. Training only: the deployed head reads and emits the same.
     aux_weight: float = 0.0
+    # "panda": the head also reads the gripper's position, computed from the joint state by the
+    # Panda's forward kinematics inside the head, and (with the named objects' x, y in the state)
+    # the vectors from the gripper to them (heads/gripper_geometry.py). "" = the state as given.
+    gripper_features: str = ""
 
     def __post_init__(self) -> None:
+        from m2vla_core.heads.gripper_geometry import GRIPPER_FEATURE_SETS
+
+        if self.gripper_features not in GRIPPER_FEATURE_SETS:
+            raise ValueError(f"HeadArchConfig.gripper_features must be one of {GRIPPER_FEATURE_SETS}, "
+                             f"got {self.gripper_features!r}")
         if self.d_model < 1:
             raise ValueError(f"HeadArchConfig.d_model must be >= 1, got {self.d_model}")
         if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
@@ -87,6 +96,9 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.dt_s must be > 0, got {self.dt_s}")
         if self.state_names and len(self.state_names) != self.state_dim:
             raise ValueError(f"HeadConfig.state_names has {len(self.state_names)} names, state_dim={self.state_dim}")
+        if self.arch.gripper_features and len(self.state_names) != self.state_dim:
+            raise ValueError(f"HeadConfig.arch.gripper_features={self.arch.gripper_features!r} needs the state's names "
+                             "(which entries are the arm's joints)")
         if self.action_names and len(self.action_names) != self.action_dim:
             raise ValueError(f"HeadConfig.action_names has {len(self.action_names)} names, action_dim={self.action_dim}")
         if bool(self.aux_target_names) != (self.arch.aux_weight > 0):

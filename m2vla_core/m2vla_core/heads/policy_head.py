@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from m2vla_core.heads.configuration_head import HeadConfig
+from m2vla_core.heads.gripper_geometry import build_gripper_features
 from m2vla_core.heads.layers import mlp
 from m2vla_core.heads.mol.modeling_mol import MixtureOfLayers
 from m2vla_core.heads.msm.modeling_msm import MetaSkillModule, memory_key, subsample_indices
@@ -93,7 +94,10 @@ class PolicyHead(nn.Module):
         super().__init__()
         self.config = config
         arch, contract = config.arch, config.contract
-        d, s, h, a = arch.d_model, config.state_dim, config.chunk_len, config.action_dim
+        d, h, a = arch.d_model, config.chunk_len, config.action_dim
+        # The state the layers read: the given one, then what is computed from it (gripper geometry).
+        self.gripper_features = build_gripper_features(arch.gripper_features, tuple(config.state_names))
+        s = config.state_dim + (self.gripper_features.num_features if self.gripper_features is not None else 0)
         self.normalizer = Normalizer(s, a)
         self.mol = MixtureOfLayers(arch.mol, contract, s, d,
                                    fixed_pos=config.layer_position(arch.mol.fixed_layer, "middle"),
@@ -142,9 +146,15 @@ class PolicyHead(nn.Module):
     def _latent(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised state (B, S), MoL latent (B, Q + keypoints, d)) of checked inputs."""
         self.check_inputs(features, mask, state)
-        state_n = self.normalizer.normalize_state(state)
+        state_n = self.normalizer.normalize_state(self.input_state(state))
         latent, _ = self.mol(features, mask, state_n)
         return state_n, latent
+
+    def input_state(self, state: torch.Tensor) -> torch.Tensor:
+        """(B, S) state as given -> (B, S + E) what the layers read (normalised after this)."""
+        if self.gripper_features is None:
+            return state
+        return torch.cat([state, self.gripper_features(state)], dim=-1)
 
     @torch.no_grad()
     def predict_aux(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -174,7 +184,7 @@ class PolicyHead(nn.Module):
     def layer_weights(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """MoL weights (B, n_layers) over ``config.contract.layers``; rows sum to 1."""
         self.check_inputs(features, mask, state)
-        return self.mol.layer_weights(features, mask, self.normalizer.normalize_state(state))
+        return self.mol.layer_weights(features, mask, self.normalizer.normalize_state(self.input_state(state)))
 
     # -- memory ---------------------------------------------------------------------------------
     def retrieval_key(self, features: torch.Tensor, mask: torch.Tensor, state_n: torch.Tensor) -> torch.Tensor:
@@ -202,7 +212,7 @@ class PolicyHead(nn.Module):
         keys, values, eps = [], [], []
         for start in range(0, len(picked), batch_size):
             b = dataset.batch(picked[start:start + batch_size])
-            state_n = self.normalizer.normalize_state(b["state"])
+            state_n = self.normalizer.normalize_state(self.input_state(b["state"]))
             keys.append(self.retrieval_key(b["hidden"], b["mask"], state_n))
             values.append(self.normalizer.normalize_action(b["actions"]))
             eps.append(b["episode_index"])

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--position-noise-cm", type=float,
                    help="std per axis [cm] of noise on the named objects' x, y in a --privileged-state dataset's "
                         "state: for a head that will read them from an object localiser; overrides the config")
+    p.add_argument("--gripper-features", choices=("panda", "none"),
+                   help="panda: the head also reads the gripper's position (forward kinematics of the joints, "
+                        "inside the head) and the vectors from it to the named objects; overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -65,6 +68,8 @@ def train_main(argv: list[str]) -> int:
                                        ("aux_first_frames", args.aux_first_frames), ("position_noise_m", noise_m))
                      if v is not None}
         arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
+        if args.gripper_features is not None:
+            arch = replace(arch, gripper_features="" if args.gripper_features == "none" else args.gripper_features)
         run = replace(run, arch=arch, train=replace(run.train, **overrides))  # one check of both together
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
                        stop_after=args.stop_after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -28,5 +29,11 @@ def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
                               actions.mean(0).astype(np.float32), actions.std(0).astype(np.float32))
 
 
-def dataset_stats(dataset, indices: np.ndarray) -> NormalizationStats:
-    return compute_stats(dataset.state[indices].numpy(), dataset.actions[indices].numpy())
+def dataset_stats(dataset, indices: np.ndarray, head=None) -> NormalizationStats:
+    """Statistics of the split; with a ``head``, of the state its layers read (``head.input_state``:
+    the given state and what the head computes from it, e.g. the gripper's position)."""
+    state = dataset.state[indices]
+    if head is not None:
+        with torch.no_grad():
+            state = head.input_state(state)
+    return compute_stats(state.numpy(), dataset.actions[indices].numpy())

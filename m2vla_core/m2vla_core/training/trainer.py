@@ -350,7 +350,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
             raise CheckpointError(f"{out}: already holds a checkpoint; pass --resume or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         head = PolicyHead(dataset.meta.head_config(run.arch))
-        dataset_stats(dataset, train_idx).apply_to(head)
+        dataset_stats(dataset, train_idx, head).apply_to(head)
         set_aux_stats(head, dataset, train_idx)
         set_feature_stats(head, dataset, train_idx)
         if head.uses_memory:

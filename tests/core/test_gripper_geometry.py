@@ -1,0 +1,122 @@
+"""The head's gripper features: forward kinematics from the URDF, equal to PyBullet's, computed
+inside the head (trained with their statistics, saved, exported to ONNX) from the state it gets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from m2vla_core.heads import load_head
+from m2vla_core.heads.factory import build_head, small_head_config
+from m2vla_core.heads.gripper_geometry import (
+    PANDA_ARM_JOINTS, ForwardKinematics, build_gripper_features, chain_from_urdf, panda_chain,
+)
+from m2vla_core.kinematics import PandaKinematics
+from m2vla_core.robot_model import panda_urdf_path
+from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
+from m2vla_core.training.feature_dataset import FeatureDataset, FeatureDatasetMeta, FeatureDatasetWriter
+from m2vla_core.training.trainer import RunConfig, TrainConfig, train
+
+STATE_NAMES = (*PANDA_ARM_JOINTS, "gripper_opening", *PRIVILEGED_STATE_NAMES)
+HOME = np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8])
+
+
+@pytest.fixture(scope="module")
+def pybullet_fk():
+    kinematics = PandaKinematics()
+    yield kinematics.end_effector_positions
+    kinematics.close()
+
+
+def _random_arm(n: int, seed: int = 0) -> np.ndarray:
+    return HOME + np.random.default_rng(seed).uniform(-0.8, 0.8, size=(n, 7))
+
+
+def test_forward_kinematics_puts_the_gripper_where_pybullet_does(pybullet_fk):
+    q = _random_arm(64)
+    ours = ForwardKinematics(panda_chain())(torch.as_tensor(q, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(ours, pybullet_fk(q), atol=1e-5)
+
+
+def test_a_chain_must_move_exactly_the_named_revolute_joints():
+    with pytest.raises(ValueError, match="panda_finger_joint1"):  # a prismatic finger on the way to the tip
+        chain_from_urdf(panda_urdf_path(), PANDA_ARM_JOINTS, "panda_leftfinger")
+    with pytest.raises(ValueError, match="expected the revolute joints"):
+        chain_from_urdf(panda_urdf_path(), PANDA_ARM_JOINTS[:6], "panda_grasptarget")
+    with pytest.raises(ValueError, match="no joint leads"):
+        chain_from_urdf(panda_urdf_path(), PANDA_ARM_JOINTS, "no_such_link")
+
+
+def test_the_features_are_the_gripper_and_the_vectors_from_it_to_the_named_objects(pybullet_fk):
+    q = _random_arm(8, seed=1)
+    objects = np.random.default_rng(2).uniform(-0.3, 0.7, size=(8, 4))
+    state = torch.as_tensor(np.c_[q, np.full(8, 0.04), objects], dtype=torch.float32)
+    features = build_gripper_features("panda", STATE_NAMES)(state).numpy()
+    gripper = pybullet_fk(q)
+    np.testing.assert_allclose(features[:, :3], gripper, atol=1e-5)
+    np.testing.assert_allclose(features[:, 3:5], objects[:, :2] - gripper[:, :2], atol=1e-5)
+    np.testing.assert_allclose(features[:, 5:7], objects[:, 2:] - gripper[:, :2], atol=1e-5)
+    joints_only = build_gripper_features("panda", STATE_NAMES[:8])(state[:, :8]).numpy()
+    np.testing.assert_allclose(joints_only, gripper, atol=1e-5)  # no objects in the state: the gripper alone
+
+
+def test_a_head_with_gripper_features_needs_the_arms_joints_named_first():
+    config = small_head_config("mol+msm", state_dim=8)
+    arch = dataclasses.replace(config.arch, gripper_features="panda")
+    with pytest.raises(ValueError, match="needs the state's names"):
+        dataclasses.replace(config, arch=arch)
+    renamed = dataclasses.replace(config, arch=arch, state_names=("gripper_opening", *PANDA_ARM_JOINTS))
+    with pytest.raises(ValueError, match="must be"):
+        build_head(renamed)
+    with pytest.raises(ValueError, match="gripper_features must be one of"):
+        dataclasses.replace(config.arch, gripper_features="ur5")
+
+
+@pytest.fixture(scope="module")
+def panda_data(tmp_path_factory):
+    """A small feature dataset whose state is the Panda's joints + gripper + named objects' x, y."""
+    config = small_head_config("mol+msm", state_dim=len(STATE_NAMES))
+    meta = FeatureDatasetMeta(contract=config.contract, state_dim=len(STATE_NAMES), action_space="joint", action_dim=8,
+                              chunk_len=16, dt_s=0.1, backbone_id="test-backbone", backbone_digest="ab" * 32,
+                              state_names=STATE_NAMES)
+    rng = np.random.default_rng(3)
+    n_layers, tokens, width = config.contract.shape
+    path = tmp_path_factory.mktemp("panda") / "data"
+    with FeatureDatasetWriter(path, meta) as writer:
+        for episode in range(8):
+            n = 12
+            arm = _random_arm(n, seed=10 + episode)
+            state = np.c_[arm, np.full(n, 0.04), np.tile(rng.uniform(0.3, 0.6, size=4), (n, 1))].astype(np.float32)
+            actions = np.repeat(state[:, None, :8], 16, axis=1) + 0.01 * rng.normal(size=(n, 16, 8)).astype(np.float32)
+            writer.add(rng.normal(size=(n, n_layers, tokens, width)).astype(np.float32), np.ones((n, tokens), bool),
+                       state, actions.astype(np.float32), np.full(n, episode), np.zeros(n, dtype=np.int64))
+    return path
+
+
+def test_training_normalises_the_gripper_features_and_the_head_saves_and_exports_them(panda_data, tmp_path, pybullet_fk):
+    from m2vla_core.export.onnx_export import export_onnx
+
+    arch = dataclasses.replace(small_head_config("mol+msm").arch, gripper_features="panda")
+    run = RunConfig(arch=arch, train=TrainConfig(steps=3, batch_size=16, val_fraction=0.25, val_every=3,
+                                                 ckpt_every=1000, warmup_steps=1), preset="mol+msm")
+    train(panda_data, tmp_path / "ckpt", run, progress=False, plot=False)
+    head = load_head(tmp_path / "ckpt")
+    data = FeatureDataset(panda_data)
+    train_idx, _ = data.split_by_episode(0.25, seed=0)
+    states = data.state[train_idx].numpy()
+    gripper = pybullet_fk(states[:, :7])
+    s = len(STATE_NAMES)
+    assert head.normalizer.state_mean.shape == (s + 7,)
+    np.testing.assert_allclose(head.normalizer.state_mean[s:s + 3].numpy(), gripper.mean(0), atol=1e-4)
+    np.testing.assert_allclose(head.normalizer.state_mean[s + 3:s + 5].numpy(),
+                               (states[:, 8:10] - gripper[:, :2]).mean(0), atol=1e-4)
+    # The layers read the features: a gripper point moved along the hand moves the chunk.
+    batch = data.batch(train_idx[:4])
+    before = head(batch["hidden"], batch["mask"], batch["state"])
+    head.gripper_features.kinematics.tip.zero_()
+    assert not torch.allclose(before, head(batch["hidden"], batch["mask"], batch["state"]))
+    result = export_onnx(tmp_path / "ckpt")  # the exported graph computes them too
+    assert result.ok and result.max_abs_error is not None and result.max_abs_error < 1e-4
