@@ -47,6 +47,12 @@ class HeadArchConfig:
     # Panda's forward kinematics inside the head, and (with the named objects' x, y in the state)
     # the vectors from the gripper to them (heads/gripper_geometry.py). "" = the state as given.
     gripper_features: str = ""
+    # True: the layers predict each waypoint as an offset from the current state's matching entries
+    # (the state's first A entries are the action's quantities, e.g. joint angles + gripper), and the
+    # head adds the state back, so it still takes and returns absolute targets. A correction of a
+    # centimetre is then a large share of the normalised target, not a rounding error on the arm's
+    # whole range of motion.
+    relative_actions: bool = False
 
     def __post_init__(self) -> None:
         from m2vla_core.heads.gripper_geometry import GRIPPER_FEATURE_SETS
@@ -96,6 +102,10 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.dt_s must be > 0, got {self.dt_s}")
         if self.state_names and len(self.state_names) != self.state_dim:
             raise ValueError(f"HeadConfig.state_names has {len(self.state_names)} names, state_dim={self.state_dim}")
+        if self.arch.relative_actions and (self.state_dim < self.action_dim or not self.action_names
+                                           or tuple(self.state_names[:self.action_dim]) != tuple(self.action_names)):
+            raise ValueError("HeadConfig.arch.relative_actions needs a state whose first action_dim entries are named "
+                             f"as the actions {self.action_names}; the state is {self.state_names}")
         if self.arch.gripper_features and len(self.state_names) != self.state_dim:
             raise ValueError(f"HeadConfig.arch.gripper_features={self.arch.gripper_features!r} needs the state's names "
                              "(which entries are the arm's joints)")

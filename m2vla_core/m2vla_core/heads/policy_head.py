@@ -178,7 +178,17 @@ class PolicyHead(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Action chunk (B, H, A) in the action space's units."""
-        return self.normalizer.denormalize_action(self.forward_normalized(features, mask, state))
+        return self.normalizer.denormalize_action(self.forward_normalized(features, mask, state)) + self.action_origin(state)
+
+    def action_origin(self, state: torch.Tensor) -> torch.Tensor:
+        """(B, 1, A) what the layers' waypoints are relative to: the state's first A entries with
+        ``arch.relative_actions``, else zero."""
+        origin = state[:, None, :self.config.action_dim]
+        return origin if self.config.arch.relative_actions else torch.zeros_like(origin)
+
+    def normalized_action_target(self, actions: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """(B, H, A) absolute targets -> what ``forward_normalized`` is trained to output."""
+        return self.normalizer.normalize_action(actions - self.action_origin(state))
 
     @torch.no_grad()
     def layer_weights(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -214,7 +224,7 @@ class PolicyHead(nn.Module):
             b = dataset.batch(picked[start:start + batch_size])
             state_n = self.normalizer.normalize_state(self.input_state(b["state"]))
             keys.append(self.retrieval_key(b["hidden"], b["mask"], state_n))
-            values.append(self.normalizer.normalize_action(b["actions"]))
+            values.append(self.normalized_action_target(b["actions"], b["state"]))
             eps.append(b["episode_index"])
         self.action_head.memory.set(torch.cat(keys), torch.cat(values), torch.cat(eps))
         return len(picked)

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gripper-features", choices=("panda", "none"),
                    help="panda: the head also reads the gripper's position (forward kinematics of the joints, "
                         "inside the head) and the vectors from it to the named objects; overrides the config")
+    p.add_argument("--relative-actions", choices=("on", "off"),
+                   help="on: the layers predict waypoints as offsets from the current joints (the head adds them "
+                        "back; it still emits absolute targets); overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -70,6 +73,8 @@ def train_main(argv: list[str]) -> int:
         arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
         if args.gripper_features is not None:
             arch = replace(arch, gripper_features="" if args.gripper_features == "none" else args.gripper_features)
+        if args.relative_actions is not None:
+            arch = replace(arch, relative_actions=args.relative_actions == "on")
         run = replace(run, arch=arch, train=replace(run.train, **overrides))  # one check of both together
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
                        stop_after=args.stop_after)

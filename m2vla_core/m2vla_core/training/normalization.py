@@ -30,10 +30,11 @@ def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
 
 
 def dataset_stats(dataset, indices: np.ndarray, head=None) -> NormalizationStats:
-    """Statistics of the split; with a ``head``, of the state its layers read (``head.input_state``:
-    the given state and what the head computes from it, e.g. the gripper's position)."""
-    state = dataset.state[indices]
+    """Statistics of the split; with a ``head``, of what its layers read (``head.input_state``: the
+    given state and what the head computes from it, e.g. the gripper's position) and output (the
+    actions relative to ``head.action_origin``)."""
+    state, actions = dataset.state[indices], dataset.actions[indices]
     if head is not None:
         with torch.no_grad():
-            state = head.input_state(state)
-    return compute_stats(state.numpy(), dataset.actions[indices].numpy())
+            state, actions = head.input_state(state), actions - head.action_origin(state)
+    return compute_stats(state.numpy(), actions.numpy())

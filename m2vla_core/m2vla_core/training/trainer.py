@@ -163,7 +163,7 @@ def perturb_positions(state: torch.Tensor, std_m: float, step: int, cfg: TrainCo
 
 def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(action loss, auxiliary loss or None): normalised MSEs."""
-    target = head.normalizer.normalize_action(batch["actions"])  # (B, H, A)
+    target = head.normalized_action_target(batch["actions"], batch["state"])  # (B, H, A)
     exclude_ep = batch["episode_index"] if exclude and head.uses_memory else None
     pred, aux = head.forward_training(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
     action_loss = torch.nn.functional.mse_loss(pred, target)

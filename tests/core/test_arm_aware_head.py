@@ -1,5 +1,7 @@
-"""The head's gripper features: forward kinematics from the URDF, equal to PyBullet's, computed
-inside the head (trained with their statistics, saved, exported to ONNX) from the state it gets."""
+"""The head's arm-aware options. Gripper features: forward kinematics from the URDF, equal to
+PyBullet's, computed inside the head (trained with their statistics, saved, exported to ONNX) from
+the state it gets. Relative actions: the layers predict offsets from the current joints, the head
+still emits absolute targets."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
 from m2vla_core.training.feature_dataset import FeatureDataset, FeatureDatasetMeta, FeatureDatasetWriter
 from m2vla_core.training.trainer import RunConfig, TrainConfig, train
 
-STATE_NAMES = (*PANDA_ARM_JOINTS, "gripper_opening", *PRIVILEGED_STATE_NAMES)
+ACTION_NAMES = (*PANDA_ARM_JOINTS, "gripper_opening")
+STATE_NAMES = (*ACTION_NAMES, *PRIVILEGED_STATE_NAMES)
 HOME = np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8])
 
 
@@ -75,13 +78,19 @@ def test_a_head_with_gripper_features_needs_the_arms_joints_named_first():
         dataclasses.replace(config.arch, gripper_features="ur5")
 
 
+def _run(**arch_options) -> RunConfig:
+    arch = dataclasses.replace(small_head_config("mol+msm").arch, **arch_options)
+    return RunConfig(arch=arch, train=TrainConfig(steps=3, batch_size=16, val_fraction=0.25, val_every=3,
+                                                  ckpt_every=1000, warmup_steps=1), preset="mol+msm")
+
+
 @pytest.fixture(scope="module")
 def panda_data(tmp_path_factory):
     """A small feature dataset whose state is the Panda's joints + gripper + named objects' x, y."""
     config = small_head_config("mol+msm", state_dim=len(STATE_NAMES))
     meta = FeatureDatasetMeta(contract=config.contract, state_dim=len(STATE_NAMES), action_space="joint", action_dim=8,
                               chunk_len=16, dt_s=0.1, backbone_id="test-backbone", backbone_digest="ab" * 32,
-                              state_names=STATE_NAMES)
+                              state_names=STATE_NAMES, action_names=ACTION_NAMES)
     rng = np.random.default_rng(3)
     n_layers, tokens, width = config.contract.shape
     path = tmp_path_factory.mktemp("panda") / "data"
@@ -99,10 +108,7 @@ def panda_data(tmp_path_factory):
 def test_training_normalises_the_gripper_features_and_the_head_saves_and_exports_them(panda_data, tmp_path, pybullet_fk):
     from m2vla_core.export.onnx_export import export_onnx
 
-    arch = dataclasses.replace(small_head_config("mol+msm").arch, gripper_features="panda")
-    run = RunConfig(arch=arch, train=TrainConfig(steps=3, batch_size=16, val_fraction=0.25, val_every=3,
-                                                 ckpt_every=1000, warmup_steps=1), preset="mol+msm")
-    train(panda_data, tmp_path / "ckpt", run, progress=False, plot=False)
+    train(panda_data, tmp_path / "ckpt", _run(gripper_features="panda"), progress=False, plot=False)
     head = load_head(tmp_path / "ckpt")
     data = FeatureDataset(panda_data)
     train_idx, _ = data.split_by_episode(0.25, seed=0)
@@ -120,3 +126,32 @@ def test_training_normalises_the_gripper_features_and_the_head_saves_and_exports
     assert not torch.allclose(before, head(batch["hidden"], batch["mask"], batch["state"]))
     result = export_onnx(tmp_path / "ckpt")  # the exported graph computes them too
     assert result.ok and result.max_abs_error is not None and result.max_abs_error < 1e-4
+
+
+def test_relative_actions_need_a_state_that_begins_with_the_actions_quantities():
+    config = dataclasses.replace(small_head_config("mol+msm", state_dim=len(STATE_NAMES)), state_names=STATE_NAMES,
+                                 action_names=ACTION_NAMES)
+    dataclasses.replace(config, arch=dataclasses.replace(config.arch, relative_actions=True))  # accepted
+    shuffled = (*STATE_NAMES[1:8], STATE_NAMES[0], *STATE_NAMES[8:])
+    with pytest.raises(ValueError, match="relative_actions"):
+        dataclasses.replace(config, state_names=shuffled, arch=dataclasses.replace(config.arch, relative_actions=True))
+
+
+def test_a_relative_head_learns_offsets_from_the_joints_and_emits_absolute_targets(panda_data, tmp_path):
+    from m2vla_core.export.onnx_export import export_onnx
+
+    train(panda_data, tmp_path / "ckpt", _run(relative_actions=True), progress=False, plot=False)
+    head = load_head(tmp_path / "ckpt")
+    data = FeatureDataset(panda_data)
+    train_idx, _ = data.split_by_episode(0.25, seed=0)
+    offsets = data.actions[train_idx] - data.state[train_idx, None, :8]  # (N, H, A)
+    np.testing.assert_allclose(head.normalizer.action_mean.numpy(), offsets.mean((0, 1)).numpy(), atol=1e-5)
+    batch = data.batch(train_idx[:4])
+    with torch.no_grad():
+        layers = head.normalizer.denormalize_action(head.forward_normalized(batch["hidden"], batch["mask"], batch["state"]))
+        chunk = head(batch["hidden"], batch["mask"], batch["state"])
+    torch.testing.assert_close(chunk, layers + batch["state"][:, None, :8])
+    # The skill prior is made of normalised offsets too (absolute angles in those units: ~100).
+    assert float(head.action_head.memory.values.abs().mean()) < 5.0
+    result = export_onnx(tmp_path / "ckpt")
+    assert result.ok and result.max_abs_error < 1e-4
