@@ -361,3 +361,17 @@ def test_position_noise_needs_positions_in_the_state_and_a_finite_spread(data_di
     assert not (tmp_path / "n").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="position_noise_m"):
         TrainConfig(position_noise_m=float("nan"))
+
+
+def test_an_l1_action_loss_trains_and_validation_still_reports_the_mse(data_dir, tmp_path):
+    from m2vla_core.training.trainer import validation_loss
+
+    result = train(data_dir, tmp_path / "ckpt", _run("mol+msm", steps=60, lr=5e-3, action_loss="l1"), progress=False,
+                   plot=False)
+    assert result.val_loss[-1][1] < 0.85 * result.val_loss[0][1]  # as the MSE-trained MSM must
+    head = load_head(tmp_path / "ckpt")
+    ds = FeatureDataset(data_dir)
+    val_idx = ds.split_by_episode(0.25, seed=0)[1]
+    assert validation_loss(head, ds, val_idx) == pytest.approx(result.val_loss[-1][1], rel=1e-4)
+    with pytest.raises(ValueError, match="action_loss"):
+        TrainConfig(action_loss="huber")

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--relative-actions", choices=("on", "off"),
                    help="on: the layers predict waypoints as offsets from the current joints (the head adds them "
                         "back; it still emits absolute targets); overrides the config")
+    p.add_argument("--action-loss", choices=("mse", "l1"),
+                   help="action loss in normalised units (validation reports the MSE either way); overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -68,7 +70,8 @@ def train_main(argv: list[str]) -> int:
             run = resolve_run_config(args.config)
         noise_m = None if args.position_noise_cm is None else args.position_noise_cm / 100.0
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
-                                       ("aux_first_frames", args.aux_first_frames), ("position_noise_m", noise_m))
+                                       ("aux_first_frames", args.aux_first_frames), ("position_noise_m", noise_m),
+                                       ("action_loss", args.action_loss))
                      if v is not None}
         arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
         if args.gripper_features is not None:

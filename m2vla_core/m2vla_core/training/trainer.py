@@ -48,6 +48,9 @@ RUN_NAME = "train.json"
 PLOT_NAME = "loss_curves.png"
 
 
+ACTION_LOSSES = ("mse", "l1")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 2000
@@ -71,8 +74,14 @@ class TrainConfig:
     # an object localiser learns to tolerate its centimetre errors instead of trusting the
     # simulator's exact values. One draw per point; a target that is the cube itself moves with it.
     position_noise_m: float = 0.0
+    # The action loss in normalised units: "mse", or "l1" (the median of what the demonstrations do
+    # in a state rather than their mean: less pulled between two ways of solving it). Validation
+    # reports the MSE either way, so runs compare.
+    action_loss: str = "mse"
 
     def __post_init__(self) -> None:
+        if self.action_loss not in ACTION_LOSSES:
+            raise ValueError(f"TrainConfig.action_loss must be one of {ACTION_LOSSES}, got {self.action_loss!r}")
         for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_max_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -161,12 +170,13 @@ def perturb_positions(state: torch.Tensor, std_m: float, step: int, cfg: TrainCo
     return out
 
 
-def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(action loss, auxiliary loss or None): normalised MSEs."""
+def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool,
+            action_loss: str = "mse") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(action loss, auxiliary loss or None) in normalised units; the auxiliary one is an MSE."""
     target = head.normalized_action_target(batch["actions"], batch["state"])  # (B, H, A)
     exclude_ep = batch["episode_index"] if exclude and head.uses_memory else None
     pred, aux = head.forward_training(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
-    action_loss = torch.nn.functional.mse_loss(pred, target)
+    action_loss = (torch.nn.functional.l1_loss if action_loss == "l1" else torch.nn.functional.mse_loss)(pred, target)
     if aux is None:
         return action_loss, None
     target = head.aux_predictor.normalize(batch[AUX_FIELD])  # (B, K), NaN where absent
@@ -385,7 +395,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         batch = dataset.batch(_batch_indices(train_idx, step, cfg))
         if cfg.position_noise_m:
             batch["state"] = perturb_positions(batch["state"], cfg.position_noise_m, step, cfg)
-        action_loss, aux_loss = _losses(head, batch, exclude=run.arch.msm.exclude_same_episode)
+        action_loss, aux_loss = _losses(head, batch, exclude=run.arch.msm.exclude_same_episode,
+                                        action_loss=cfg.action_loss)
         if aux_loss is not None and cfg.aux_first_frames:  # its own batch: few samples qualify
             aux_loss = _losses(head, dataset.batch(_batch_indices(aux_train_idx, step, cfg, stream=1)), exclude=False)[1]
         loss = action_loss if aux_loss is None else action_loss + run.arch.aux_weight * aux_loss
