@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped policy (m2vla_core/m2vla_core/assets/policies/default/) from scratch:
 # record expert demonstrations at 448 px -> frozen-backbone features (+ the named objects' x, y in
-# the state) -> train MoL+MSM -> ONNX export -> fit the object localiser that reads those x, y
+# the state) -> train MoL+MSM (gripper features, relative actions, L1 loss) -> ONNX export -> fit the object localiser that reads those x, y
 # from the camera -> install. Usage: scripts/make_default_policy.sh [WORK_DIR]
 # (default /tmp/m2vla_default_policy; about 2 h on 2 CPU cores, most of it recording at 448 px).
 set -euo pipefail
@@ -27,7 +27,7 @@ $M2VLA features --data "$WORK/data_0" --out "$WORK/features" --cache "$WORK/cach
 $M2VLA features --data "$WORK/data_$HALF" --out "$WORK/features" --cache "$WORK/cache" --privileged-state --append \
   --no-progress
 $M2VLA train --data "$WORK/features" --out "$WORK/ckpt" --config mol+msm --steps "$STEPS" --seed 0 \
-  --position-noise-cm 0.8 --no-progress
+  --position-noise-cm 0.8 --gripper-features panda --relative-actions on --action-loss l1 --no-progress
 $M2VLA export "$WORK/ckpt"
 $M2VLA localiser --out "$WORK/ckpt" --episodes-per-task "$LAYOUTS" --restarts 0,1 --no-progress
 mkdir -p "$DEST"

@@ -313,7 +313,8 @@ def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_c
     _privileged_features(pipeline, tmp_path / "priv")
     ckpt = tmp_path / "ckpt"
     assert train_main(["--data", str(tmp_path / "priv"), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
-                       "--no-progress"]) == 0
+                       "--gripper-features", "panda", "--relative-actions", "on", "--action-loss", "l1",
+                       "--no-progress"]) == 0  # the shipped recipe's head options
     assert export_main([str(ckpt)]) == 0
     assert localiser_main(["--out", str(ckpt), "--tasks", "reach_above", "--episodes-per-task", "4",
                            "--image-size", "56", "--steps", "5", "--restarts", "0", "--no-progress"]) == 0
