@@ -151,12 +151,11 @@ class GripperFeatures(nn.Module):
 
 
 def build_gripper_features(name: str, state_names: tuple[str, ...]) -> GripperFeatures | None:
-    """The features ``arch.gripper_features`` names for a head with these state entries, or None."""
+    """The features ``arch.gripper_features`` (a name from ``GRIPPER_FEATURE_SETS``) names for a head
+    with these state entries, or None."""
     from m2vla_core.sim.tasks import reads_privileged_state
 
-    if name not in GRIPPER_FEATURE_SETS:
-        raise ValueError(f"arch.gripper_features must be one of {GRIPPER_FEATURE_SETS}, got {name!r}")
-    if not name:
+    if not name:  # the name itself was checked by HeadArchConfig
         return None
     if tuple(state_names[: len(PANDA_ARM_JOINTS)]) != PANDA_ARM_JOINTS:
         raise ValueError(f"arch.gripper_features={name!r} computes the Panda's kinematics from the state's first "

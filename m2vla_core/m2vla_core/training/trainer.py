@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 TRAIN_STATE_NAME = "train_state.safetensors"
 RUN_NAME = "train.json"
 PLOT_NAME = "loss_curves.png"
-
-
 ACTION_LOSSES = ("mse", "l1")
 
 
