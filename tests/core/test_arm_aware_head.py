@@ -138,19 +138,24 @@ def test_relative_actions_need_a_state_that_begins_with_the_actions_quantities()
 
 
 def test_a_relative_head_learns_offsets_from_the_joints_and_emits_absolute_targets(panda_data, tmp_path):
+    """Offsets for the arm's joints only: a gripper closed on a cube reads 5 cm open, and "its
+    offset" would command a negative opening once the cube is gone (the controller refuses it)."""
     from m2vla_core.export.onnx_export import export_onnx
 
     train(panda_data, tmp_path / "ckpt", _run(relative_actions=True), progress=False, plot=False)
     head = load_head(tmp_path / "ckpt")
     data = FeatureDataset(panda_data)
     train_idx, _ = data.split_by_episode(0.25, seed=0)
-    offsets = data.actions[train_idx] - data.state[train_idx, None, :8]  # (N, H, A)
+    origin = data.state[train_idx, None, :8].clone()
+    origin[..., 7] = 0.0  # the gripper stays absolute: commanded open or closed, held apart by a cube
+    offsets = data.actions[train_idx] - origin  # (N, H, A)
     np.testing.assert_allclose(head.normalizer.action_mean.numpy(), offsets.mean((0, 1)).numpy(), atol=1e-5)
     batch = data.batch(train_idx[:4])
     with torch.no_grad():
         layers = head.normalizer.denormalize_action(head.forward_normalized(batch["hidden"], batch["mask"], batch["state"]))
         chunk = head(batch["hidden"], batch["mask"], batch["state"])
-    torch.testing.assert_close(chunk, layers + batch["state"][:, None, :8])
+    torch.testing.assert_close(chunk[..., :7], layers[..., :7] + batch["state"][:, None, :7])
+    torch.testing.assert_close(chunk[..., 7], layers[..., 7])
     # The skill prior is made of normalised offsets too (absolute angles in those units: ~100).
     assert float(head.action_head.memory.values.abs().mean()) < 5.0
     result = export_onnx(tmp_path / "ckpt")

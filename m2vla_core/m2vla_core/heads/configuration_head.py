@@ -16,6 +16,7 @@ from m2vla_core.heads.skills.configuration_skills import SkillsConfig
 ACTION_SPACES = ("joint", "eef")  # joint: arm joint positions + gripper; eef: 6-D pose delta + gripper
 EEF_ACTION_DIM = 7
 ACTION_HEADS = ("mlp", "msm", "skills")
+ABSOLUTE_ACTION_NAMES = ("gripper_opening",)  # never offsets from the state (arch.relative_actions)
 HEAD_FORMAT_VERSION = 1
 
 
@@ -47,11 +48,12 @@ class HeadArchConfig:
     # Panda's forward kinematics inside the head, and (with the named objects' x, y in the state)
     # the vectors from the gripper to them (heads/gripper_geometry.py). "" = the state as given.
     gripper_features: str = ""
-    # True: the layers predict each waypoint as an offset from the current state's matching entries
-    # (the state's first A entries are the action's quantities, e.g. joint angles + gripper), and the
-    # head adds the state back, so it still takes and returns absolute targets. A correction of a
-    # centimetre is then a large share of the normalised target, not a rounding error on the arm's
-    # whole range of motion.
+    # True: the layers predict each joint's waypoints as offsets from its current position (the
+    # state's first A entries are the action's quantities), and the head adds the state back, so
+    # it still takes and returns absolute targets. A correction of a centimetre is then a large
+    # share of the normalised target, not a rounding error on the arm's whole range of motion.
+    # ``ABSOLUTE_ACTION_NAMES`` (the gripper: commanded open or closed, and held apart by a cube
+    # in its fingers) stay absolute.
     relative_actions: bool = False
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2vla_core.heads.configuration_head import HeadConfig
+from m2vla_core.heads.configuration_head import ABSOLUTE_ACTION_NAMES, HeadConfig
 from m2vla_core.heads.gripper_geometry import build_gripper_features
 from m2vla_core.heads.layers import mlp
 from m2vla_core.heads.mol.modeling_mol import MixtureOfLayers
@@ -99,6 +99,9 @@ class PolicyHead(nn.Module):
         self.gripper_features = build_gripper_features(arch.gripper_features, tuple(config.state_names))
         s = config.state_dim + (self.gripper_features.num_features if self.gripper_features is not None else 0)
         self.normalizer = Normalizer(s, a)
+        relative = [arch.relative_actions and name not in ABSOLUTE_ACTION_NAMES
+                    for name in (config.action_names or ("",) * a)]
+        self.register_buffer("relative_mask", torch.tensor(relative, dtype=torch.float32), persistent=False)  # (A,)
         self.mol = MixtureOfLayers(arch.mol, contract, s, d,
                                    fixed_pos=config.layer_position(arch.mol.fixed_layer, "middle"),
                                    router_pos=config.layer_position(arch.mol.router_layer, "first"))
@@ -181,10 +184,9 @@ class PolicyHead(nn.Module):
         return self.normalizer.denormalize_action(self.forward_normalized(features, mask, state)) + self.action_origin(state)
 
     def action_origin(self, state: torch.Tensor) -> torch.Tensor:
-        """(B, 1, A) what the layers' waypoints are relative to: the state's first A entries with
-        ``arch.relative_actions``, else zero."""
-        origin = state[:, None, :self.config.action_dim]
-        return origin if self.config.arch.relative_actions else torch.zeros_like(origin)
+        """(B, 1, A) what the layers' waypoints are relative to: with ``arch.relative_actions`` the
+        state's first A entries (zero for ``ABSOLUTE_ACTION_NAMES``), else zero."""
+        return state[:, None, :self.config.action_dim] * self.relative_mask
 
     def normalized_action_target(self, actions: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """(B, H, A) absolute targets -> what ``forward_normalized`` is trained to output."""
