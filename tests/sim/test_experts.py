@@ -78,9 +78,38 @@ def test_expert_needs_a_reset_env():
             make_expert(fresh)
 
 
-def test_expert_agent_drives_the_evaluation_rollout_to_success(env):
+def test_expert_agent_drives_the_evaluation_rollout_to_success_through_the_controllers_checks(env):
+    from m2vla_core.control.config import get_preset
     from m2vla_core.evaluation.rollout import RolloutConfig, run_episode
     from m2vla_core.sim import ExpertAgent
 
-    outcome = run_episode(env, ExpertAgent(env), "put_in_tray", 7, RolloutConfig(max_steps=150, execute_steps=1))
+    rollout = RolloutConfig(max_steps=150, execute_steps=1, controller=get_preset("panda"))
+    outcome = run_episode(env, ExpertAgent(env), "put_in_tray", 7, rollout)
     assert outcome.success and outcome.steps < 150
+    assert outcome.refusals == []  # what the demonstrations command, the ROS controller accepts
+
+
+def test_a_chunk_the_controller_would_refuse_is_held_not_clipped_into_range(env):
+    """The sim clips a target into the URDF limits; the ROS controller refuses the whole chunk
+    (beyond its tolerance) and holds. Evaluation does what the robot would."""
+    from m2vla_core.control.config import get_preset
+    from m2vla_core.evaluation.rollout import RolloutConfig, run_episode
+
+    class ClosesTooFar:  # a head that learnt "closed" as an offset and overshoots below zero
+        def reset(self) -> None:
+            pass
+
+        def act(self, observation) -> np.ndarray:
+            target = np.asarray(observation.joint_positions, dtype=np.float64).copy()
+            target[0] += 0.05  # and turns the base a little
+            target[7] = -0.06
+            return np.repeat(target[None], 16, axis=0)
+
+    home = env.reset("pick_lift", 3).joint_positions.copy()
+    held = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(max_steps=8, controller=get_preset("panda")))
+    assert held.refusals == ["out_of_limits", "out_of_limits"]
+    np.testing.assert_allclose(env.observe().joint_positions, home, atol=2e-3)  # the arm did not move
+    clipped = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(max_steps=8))
+    assert clipped.refusals == []
+    moved = env.observe().joint_positions
+    assert moved[0] > home[0] + 0.05 and moved[7] < home[7] - 0.02  # executed, the gripper clipped to closed

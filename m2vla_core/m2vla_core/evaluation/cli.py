@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class EvalReport:
     # per episode), "simulator" (truth, a diagnostic), "" (a head that reads none)
     object_positions: str = ""
     localiser_ms_p50: float = float("nan")  # the localiser's one reading per episode
+    # reason code -> chunks the ROS controller's checks refused (the arm held instead)
+    refused_chunks: dict[str, int] = field(default_factory=dict)
     gifs: dict[str, list] = field(default_factory=dict)  # task -> frames (not serialised)
 
     def to_json(self) -> dict:
@@ -105,6 +108,7 @@ def _init_worker(config: EvalConfig, threads: int | None = 1) -> None:
 
 
 def _run_job(job: tuple[str, int, bool]) -> dict:
+    from m2vla_core.control.config import get_preset
     from m2vla_core.evaluation.rollout import RolloutConfig, run_episode
 
     task, seed, keep_frames = job
@@ -114,11 +118,11 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     n_obj = len(agent.object_errors_m)
     n_loc = len(agent.localiser_ms)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
-                            frame_every=2)
+                            frame_every=2, controller=get_preset("panda"))  # the ROS controller's chunk checks
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
-            "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
+            "refusals": list(outcome.refusals), "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
             "backbone_ms": agent.backbone_ms[n_bb:], "object_error_m": agent.object_errors_m[n_obj:], "frames": frames,
             "localiser_ms": agent.localiser_ms[n_loc:],
             "object_positions": "localiser" if agent.localiser is not None else ("simulator" if agent.privileged else "")}
@@ -213,6 +217,7 @@ def _aggregate(config: EvalConfig, tasks: list[str], results: list[dict], second
         policy=config.policy or str(default_policy_path()), backend=config.backend,
         mean_success=float(np.mean(list(success.values()))), success=success,
         episodes={t: [{**{k: r[k] for k in ("seed", "success", "steps", "instruction")},
+                       "refused_chunks": len(r.get("refusals", [])),
                        **({"object_error_m_first_act": list(r["object_error_m"][0])} if r.get("object_error_m") else {})}
                       for r in rs] for t, rs in by_task.items()},
         seeds={t: [r["seed"] for r in rs] for t, rs in by_task.items()},
@@ -220,7 +225,8 @@ def _aggregate(config: EvalConfig, tasks: list[str], results: list[dict], second
         head_us_p99=_pct(head, 99) * 1e3, backbone_ms_p50=_pct(bb, 50), seconds=seconds, config=asdict(config),
         gifs={r["task"]: r["frames"] for r in results if r["frames"]}, object_error_m_p50=object_error,
         object_positions=results[0].get("object_positions", "") if results else "",
-        localiser_ms_p50=_pct([x for r in results for x in r.get("localiser_ms", [])], 50))
+        localiser_ms_p50=_pct([x for r in results for x in r.get("localiser_ms", [])], 50),
+        refused_chunks=dict(Counter(code for r in results for code in r.get("refusals", []))))
 
 
 def format_table(report: EvalReport) -> str:
@@ -231,6 +237,9 @@ def format_table(report: EvalReport) -> str:
     lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
     lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    if report.refused_chunks:
+        lines.append("chunks the controller refuses (the arm held instead): "
+                     + ", ".join(f"{n} {code}" for code, n in sorted(report.refused_chunks.items())))
     if report.object_positions == "localiser":
         lines.append(f"object positions read once per episode by the localiser, p50 {report.localiser_ms_p50:.1f} ms")
     if report.object_error_m_p50:

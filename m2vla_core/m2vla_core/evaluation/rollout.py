@@ -4,6 +4,11 @@ The agent is anything with ``reset()`` and ``act(observation) -> (H, A) chunk`` 
 in-process VLA agent, a scripted expert, a replay). Execution is receding-horizon: the first
 ``execute_steps`` waypoints of each chunk run at the env's control period, then the agent
 sees a fresh observation.
+
+With ``RolloutConfig.controller`` every chunk first passes the ROS controller's own checks
+(``check_chunk_values``: shape, finite, joint limits + tolerance, speed); a chunk it would
+refuse is not executed, the arm holds its last target, as on the robot. Without it the sim
+clips every target into the URDF limits, which hides chunks the controller refuses.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from m2vla_core.control.config import ControllerConfig
+from m2vla_core.control.validation import check_chunk_values, reason_code
 
 
 class Agent(Protocol):
@@ -27,6 +35,7 @@ class RolloutConfig:
     execute_steps: int = 4  # waypoints of each chunk executed before re-planning
     keep_frames: bool = False  # keep camera frames for a GIF
     frame_every: int = 1
+    controller: ControllerConfig | None = None  # check chunks as the ROS controller does (see above)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -45,6 +54,7 @@ class EpisodeOutcome:
     success: bool
     steps: int
     act_ms: list[float] = field(default_factory=list)  # agent time per chunk
+    refusals: list[str] = field(default_factory=list)  # reason codes of chunks the controller refused
     frames: list[np.ndarray] = field(default_factory=list)
 
 
@@ -52,6 +62,7 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
     obs = env.reset(task, seed)
     agent.reset()
     outcome = EpisodeOutcome(task=task, seed=seed, instruction=obs.instruction, success=False, steps=0)
+    last_target = np.asarray(obs.joint_positions, dtype=np.float64)  # at home, before any command
     if config.keep_frames:
         outcome.frames.append(obs.image)
     while outcome.steps < config.max_steps:
@@ -60,7 +71,12 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
         outcome.act_ms.append((time.perf_counter() - t0) * 1e3)
         if chunk.ndim != 2 or not np.isfinite(chunk).all():
             break  # a broken chunk ends the episode as a failure; the robot does not execute it
+        refusal = check_chunk_values(chunk, env.config.control_dt_s, config.controller) if config.controller else None
+        if refusal is not None:
+            outcome.refusals.append(reason_code(refusal))
+            chunk = np.repeat(last_target[None], config.execute_steps, axis=0)  # hold
         for waypoint in chunk[: config.execute_steps]:
+            last_target = waypoint
             obs = env.step(waypoint)
             outcome.steps += 1
             if config.keep_frames and outcome.steps % config.frame_every == 0:
