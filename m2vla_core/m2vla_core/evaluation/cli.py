@@ -122,7 +122,8 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
-            "refusals": list(outcome.refusals), "instruction": outcome.instruction, "act_ms": list(outcome.act_ms), "head_ms": agent.head_ms[n_head:],
+            "refusals": list(outcome.refusals), "instruction": outcome.instruction, "act_ms": list(outcome.act_ms),
+            "head_ms": agent.head_ms[n_head:],
             "backbone_ms": agent.backbone_ms[n_bb:], "object_error_m": agent.object_errors_m[n_obj:], "frames": frames,
             "localiser_ms": agent.localiser_ms[n_loc:],
             "object_positions": "localiser" if agent.localiser is not None else ("simulator" if agent.privileged else "")}
