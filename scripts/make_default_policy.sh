@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the shipped policy (m2vla_core/m2vla_core/assets/policies/default/) from scratch:
 # record expert demonstrations at 448 px -> frozen-backbone features (+ the named objects' x, y in
-# the state) -> train MoL+MSM (gripper features, relative actions, L1 loss) -> ONNX export -> fit the object localiser that reads those x, y
-# from the camera -> install. Usage: scripts/make_default_policy.sh [WORK_DIR]
+# the state) -> train MoL+MSM (gripper features, relative actions, L1 loss) -> ONNX export -> fit
+# the object localiser that reads those x, y from the camera -> install. Usage: scripts/make_default_policy.sh [WORK_DIR]
 # (default /tmp/m2vla_default_policy; about 2 h on 2 CPU cores, most of it recording at 448 px).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -104,7 +104,7 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.dt_s must be > 0, got {self.dt_s}")
         if self.state_names and len(self.state_names) != self.state_dim:
             raise ValueError(f"HeadConfig.state_names has {len(self.state_names)} names, state_dim={self.state_dim}")
-        if self.arch.relative_actions and (self.state_dim < self.action_dim or not self.action_names
+        if self.arch.relative_actions and (not self.action_names
                                            or tuple(self.state_names[:self.action_dim]) != tuple(self.action_names)):
             raise ValueError("HeadConfig.arch.relative_actions needs a state whose first action_dim entries are named "
                              f"as the actions {self.action_names}; the state is {self.state_names}")

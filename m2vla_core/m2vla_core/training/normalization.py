@@ -29,12 +29,10 @@ def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
                               actions.mean(0).astype(np.float32), actions.std(0).astype(np.float32))
 
 
-def dataset_stats(dataset, indices: np.ndarray, head=None) -> NormalizationStats:
-    """Statistics of the split; with a ``head``, of what its layers read (``head.input_state``: the
-    given state and what the head computes from it, e.g. the gripper's position) and output (the
-    actions relative to ``head.action_origin``)."""
+def dataset_stats(dataset, indices: np.ndarray, head) -> NormalizationStats:
+    """Statistics of the split as ``head``'s layers see it: what they read (``head.input_state``:
+    the given state and what the head computes from it, e.g. the gripper's position) and output
+    (the actions relative to ``head.action_origin``)."""
     state, actions = dataset.state[indices], dataset.actions[indices]
-    if head is not None:
-        with torch.no_grad():
-            state, actions = head.input_state(state), actions - head.action_origin(state)
-    return compute_stats(state.numpy(), actions.numpy())
+    with torch.no_grad():
+        return compute_stats(head.input_state(state).numpy(), (actions - head.action_origin(state)).numpy())
