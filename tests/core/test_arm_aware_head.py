@@ -160,3 +160,45 @@ def test_a_relative_head_learns_offsets_from_the_joints_and_emits_absolute_targe
     assert float(head.action_head.memory.values.abs().mean()) < 5.0
     result = export_onnx(tmp_path / "ckpt")
     assert result.ok and result.max_abs_error < 1e-4
+
+
+def test_a_relative_heads_chunk_stays_inside_the_demonstrated_range_in_torch_and_onnx(panda_data, tmp_path):
+    """Offsets added to a joint near the edge of what was demonstrated could carry it past a limit;
+    the controller would then refuse every chunk and the arm would hold for good."""
+    from m2vla_core.export.onnx_export import export_onnx
+    from m2vla_core.export.runtime import OnnxHeadRuntime
+
+    train(panda_data, tmp_path / "ckpt", _run(relative_actions=True), progress=False, plot=False)
+    head = load_head(tmp_path / "ckpt")
+    data = FeatureDataset(panda_data)
+    train_idx, _ = data.split_by_episode(0.25, seed=0)
+    demonstrated = data.actions[train_idx].flatten(0, 1)  # (N * H, A) absolute
+    torch.testing.assert_close(head.normalizer.action_low, demonstrated.min(0).values)
+    torch.testing.assert_close(head.normalizer.action_high, demonstrated.max(0).values)
+
+    batch = data.batch(train_idx[:4])
+    state = batch["state"].clone()
+    state[:, 3] = head.normalizer.action_low[3] - 0.3  # joint 4 beyond anything demonstrated
+    with torch.no_grad():
+        unbounded = head.normalizer.denormalize_action(head.forward_normalized(batch["hidden"], batch["mask"], state))
+        unbounded = unbounded + head.action_origin(state)
+        chunk = head(batch["hidden"], batch["mask"], state)
+    assert float(unbounded[..., 3].min()) < float(head.normalizer.action_low[3])  # the offsets alone overshoot
+    assert bool(((chunk >= head.normalizer.action_low) & (chunk <= head.normalizer.action_high)).all())
+    inside = (unbounded >= head.normalizer.action_low) & (unbounded <= head.normalizer.action_high)
+    torch.testing.assert_close(chunk[inside], unbounded[inside])  # only what overshoots is moved
+
+    assert export_onnx(tmp_path / "ckpt").ok
+    onnx_chunk = OnnxHeadRuntime(tmp_path / "ckpt").infer(batch["hidden"].numpy(), batch["mask"].numpy(), state.numpy())
+    np.testing.assert_allclose(onnx_chunk, chunk.numpy(), atol=1e-4)
+
+
+def test_the_range_lets_nan_through_for_the_controller_to_refuse():
+    head = build_head(small_head_config("mol+mlp"))
+    head.normalizer.set_action_range(np.full(8, -1.0), np.full(8, 1.0))
+    clamped = head.normalizer.clamp_action(torch.tensor([[[float("nan"), 5.0, -5.0, 0.5, 0, 0, 0, 0]]]))
+    assert torch.isnan(clamped[0, 0, 0]) and clamped[0, 0, 1:4].tolist() == [1.0, -1.0, 0.5]
+    with pytest.raises(ValueError, match="low .* above high"):
+        head.normalizer.set_action_range(np.ones(8), np.zeros(8))
+    with pytest.raises(ValueError, match="finite"):
+        head.normalizer.set_action_range(np.full(8, -np.inf), np.ones(8))

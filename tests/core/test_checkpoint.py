@@ -31,6 +31,7 @@ def _trained_like_head(preset: str = "mol+msm", seed: int = 0) -> PolicyHead:
     cfg = small_head_config(preset)
     head = PolicyHead(cfg)
     head.normalizer.set_stats(np.full(8, 0.1), np.full(8, 2.0), np.full(8, -0.3), np.full(8, 0.5))
+    head.normalizer.set_action_range(np.full(8, -0.6), np.full(8, 0.1))
     if head.uses_memory:
         head.action_head.memory.set(torch.randn(40, cfg.contract.width + 8), torch.randn(40, 16, 8), torch.arange(40) // 5)
     return head.eval()
@@ -113,6 +114,31 @@ def test_missing_normalisation_stats_are_refused(ckpt):
     tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("normalizer.action")}
     save_file(tensors, str(path))
     with pytest.raises(CheckpointError, match="missing normalisation stats"):
+        load_head(ckpt)
+
+
+def test_a_checkpoint_saved_before_the_action_range_runs_unbounded_with_a_warning(ckpt, caplog):
+    weights = ckpt / "model.safetensors"
+    state = load_file(str(weights))
+    for key in ("normalizer.action_low", "normalizer.action_high"):
+        del state[key]
+    save_file(state, str(weights))
+    with caplog.at_level("WARNING"):
+        head = load_head(ckpt)
+    assert "demonstrated action range" in caplog.text
+    assert bool(torch.isinf(head.normalizer.action_low).all() and torch.isinf(head.normalizer.action_high).all())
+    del state["normalizer.fitted"]  # the legacy path spares only the range, nothing else
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="normalizer.fitted"):
+        load_head(ckpt)
+
+
+def test_half_an_action_range_is_refused(ckpt):
+    weights = ckpt / "model.safetensors"
+    state = load_file(str(weights))
+    del state["normalizer.action_high"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="normalizer.action_high"):
         load_head(ckpt)
 
 

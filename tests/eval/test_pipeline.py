@@ -301,25 +301,32 @@ def test_a_privileged_head_runs_in_eval_with_the_sim_truth_and_is_refused_for_a_
         PolicyEngine().load(str(ckpt))
 
 
-def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(pipeline, tmp_path,
-                                                                                       monkeypatch):
-    import dataclasses
-
-    from m2vla_core.evaluation.agent import VLAAgent
+@pytest.fixture(scope="module")
+def privileged_policy(pipeline):
+    """A head of the shipped recipe's options trained on a privileged-state dataset, with a localiser."""
     from m2vla_core.export.cli import export_main
-    from m2vla_core.sim import TaskEnv
     from m2vla_core.training.localiser import main as localiser_main
 
-    _privileged_features(pipeline, tmp_path / "priv")
-    ckpt = tmp_path / "ckpt"
-    assert train_main(["--data", str(tmp_path / "priv"), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
+    features, ckpt = pipeline["root"] / "priv", pipeline["root"] / "priv_ckpt"
+    _privileged_features(pipeline, features)
+    assert train_main(["--data", str(features), "--out", str(ckpt), "--steps", "20", "--batch-size", "16",
                        "--gripper-features", "panda", "--relative-actions", "on", "--action-loss", "l1",
                        "--no-progress"]) == 0  # the shipped recipe's head options
     assert export_main([str(ckpt)]) == 0
     assert localiser_main(["--out", str(ckpt), "--tasks", "reach_above", "--episodes-per-task", "4",
                            "--image-size", "56", "--steps", "5", "--restarts", "0", "--no-progress"]) == 0
     assert json.loads((ckpt / "localiser_fit.json").read_text())["layouts"]["val"] == 1
+    return {"features": features, "ckpt": ckpt}
 
+
+def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_camera(privileged_policy, tmp_path,
+                                                                                       monkeypatch):
+    import dataclasses
+
+    from m2vla_core.evaluation.agent import VLAAgent
+    from m2vla_core.sim import TaskEnv
+
+    ckpt = privileged_policy["ckpt"]
     agent = VLAAgent.load(ckpt)
     assert agent.localiser is not None
     assert agent.sim_config().image_width == 224  # the larger of the head's (default 224) and the localiser's 56
@@ -346,6 +353,35 @@ def test_a_localiser_beside_a_privileged_head_gives_it_positions_read_from_the_c
                       "--json", str(json_path), "--no-progress"]) == 0
     report = json.loads(json_path.read_text())
     assert report["object_positions"] == "localiser" and "cube_first_act" in report["object_error_m_p50"]
+
+
+def test_ablate_trains_variants_of_a_checkpoints_recipe_and_evaluates_them_beside_its_localiser(privileged_policy,
+                                                                                                 tmp_path):
+    from m2vla_core.training.trainer import saved_run_config
+
+    ckpt, out = privileged_policy["ckpt"], tmp_path / "ablation"
+    assert ablate_main(["--features", str(privileged_policy["features"]), "--out", str(out), "--variants", "last+mlp",
+                        "--base-config", str(ckpt), "--localiser", str(ckpt), "--steps", "10", "--episodes", "1",
+                        "--tasks", "reach_above", "--max-steps", "4", "--bench-iters", "20", "--no-progress"]) == 0
+    recipe, variant = saved_run_config(ckpt), saved_run_config(out / "last_mlp")
+    assert (variant.arch.mol.mix, variant.arch.action_head) == ("last", "mlp")
+    assert (variant.arch.relative_actions, variant.arch.gripper_features) == (True, "panda")  # the rest is the recipe's
+    assert variant.train.action_loss == recipe.train.action_loss == "l1" and variant.train.steps == 10
+    assert (out / "last_mlp" / "localiser.safetensors").is_file()
+    assert json.loads((out / "ablation.json").read_text())["localiser"] == str(ckpt)
+
+
+def test_ablate_refuses_a_localiser_of_another_backbone_before_training(privileged_policy, tmp_path, capsys):
+    import shutil
+
+    localiser = tmp_path / "other"
+    shutil.copytree(privileged_policy["ckpt"], localiser)
+    config = json.loads((localiser / "localiser.json").read_text())
+    (localiser / "localiser.json").write_text(json.dumps({**config, "backbone_digest": "0" * 64}))
+    assert ablate_main(["--features", str(privileged_policy["features"]), "--out", str(tmp_path / "ablation"),
+                        "--localiser", str(localiser), "--no-progress"]) == 2
+    assert "fitted on backbone" in capsys.readouterr().err
+    assert not (tmp_path / "ablation").exists()
 
 
 def test_a_localiser_beside_a_head_that_reads_no_positions_is_refused(pipeline, tmp_path):

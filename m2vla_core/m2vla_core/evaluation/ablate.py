@@ -7,6 +7,10 @@ else (d_model, queries, MSM memory, training schedule, seeds) comes from one bas
 ablated part. Each variant is trained, exported to ONNX, benchmarked (head step, batch 1,
 onnxruntime, one thread) and rolled out closed-loop on the held-out evaluation seeds.
 
+A head trained on a ``--privileged-state`` dataset reads the named objects' positions, which on
+a robot (and in this evaluation) come from an object localiser: ``--localiser DIR`` puts that
+localiser beside every variant, so the rows are measured the way the policy runs.
+
 Output: ``ablation.md`` + ``ablation.json`` in ``--out`` (and one checkpoint per variant).
 """
 
@@ -35,13 +39,19 @@ def variant_run_config(base, preset: str):
 
 def run_ablation(features_dir: str | os.PathLike, out_dir: str | os.PathLike, *, variants=DEFAULT_VARIANTS,
                  base=None, steps: int | None = None, eval_config=None, progress: bool = True,
-                 bench_iters: int = 300) -> dict:
+                 bench_iters: int = 300, localiser_dir: str | os.PathLike | None = None) -> dict:
     """Train + export + benchmark + evaluate every variant; returns the table as a dict."""
     from m2vla_core.evaluation.cli import EvalConfig, evaluate
     from m2vla_core.export.bench import benchmark_head
     from m2vla_core.export.onnx_export import export_onnx
+    from m2vla_core.heads.localiser import load_localiser, save_localiser
+    from m2vla_core.training.feature_dataset import FeatureDataset
     from m2vla_core.training.trainer import run_config_from_preset, train
 
+    localiser = None
+    if localiser_dir is not None:  # checked (backbone included) before hours of training
+        meta = FeatureDataset(features_dir).meta
+        localiser = load_localiser(localiser_dir, backbone=(meta.backbone_id, meta.backbone_digest))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = base or run_config_from_preset("mol+msm")
@@ -57,6 +67,8 @@ def run_ablation(features_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         exported = export_onnx(ckpt)
         if not exported.ok:
             raise RuntimeError(f"{preset}: ONNX parity failed ({exported.max_abs_error:.2e})")
+        if localiser is not None:
+            save_localiser(localiser, ckpt)
         bench = benchmark_head(ckpt, iters=bench_iters, warmup=max(10, bench_iters // 10))
         report = evaluate(replace(eval_config, policy=str(ckpt), backend="onnxruntime", gif=False), progress=progress)
         rows.append({"variant": preset, "success": report.success, "mean_success": report.mean_success,
@@ -66,7 +78,7 @@ def run_ablation(features_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      "final_train_loss": result.train_loss[-1][1] if result.train_loss else None,
                      "final_val_loss": result.val_loss[-1][1] if result.val_loss else None,
                      "checkpoint": str(ckpt), "seconds": time.perf_counter() - t0})
-        _write(out, rows, features_dir, base, eval_config)  # partial tables survive an interrupted run
+        _write(out, rows, features_dir, base, eval_config, localiser_dir)  # partial tables survive an interrupted run
     return {"rows": rows}
 
 
@@ -87,12 +99,13 @@ def format_markdown(rows: list[dict], eval_config=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, rows: list[dict], features_dir, base, eval_config) -> None:
+def _write(out: Path, rows: list[dict], features_dir, base, eval_config, localiser_dir) -> None:
     from dataclasses import asdict
 
     from m2vla_core.config_io import to_dict
 
-    payload = {"features": str(features_dir), "base_config": to_dict(base), "eval": asdict(eval_config), "rows": rows}
+    payload = {"features": str(features_dir), "localiser": None if localiser_dir is None else str(localiser_dir),
+               "base_config": to_dict(base), "eval": asdict(eval_config), "rows": rows}
     (out / "ablation.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     (out / "ablation.md").write_text(format_markdown(rows, eval_config), encoding="utf-8")
 
@@ -103,8 +116,11 @@ def cli_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="m2vla ablate", description=__doc__.splitlines()[0])
     p.add_argument("--features", required=True, help="feature dataset directory (from `m2vla features`)")
     p.add_argument("--out", required=True, help="directory for ablation.md / ablation.json and the checkpoints")
+    p.add_argument("--localiser", help="object localiser directory put beside every variant (for a head trained "
+                   "on a --privileged-state dataset; e.g. the shipped policy's directory)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated head presets")
-    p.add_argument("--base-config", default="", help="RunConfig JSON or preset shared by all variants (default mol+msm)")
+    p.add_argument("--base-config", default="", help="RunConfig JSON, trained checkpoint directory (its recipe) or preset shared by all "
+                   "variants (default mol+msm)")
     p.add_argument("--steps", type=int, help="training steps per variant (overrides the base config)")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task")
     p.add_argument("--seed-offset", type=int, default=DEFAULT_SEED_OFFSET)
@@ -130,7 +146,8 @@ def cli_main(argv: list[str]) -> int:
                                  tasks=tuple(parse_task_list(args.tasks)), workers=args.workers,
                                  max_steps=args.max_steps, execute_steps=args.execute_steps, gif=False)
         table = run_ablation(args.features, args.out, variants=variants, base=base, steps=args.steps,
-                             eval_config=eval_config, progress=not args.no_progress, bench_iters=args.bench_iters)
+                             eval_config=eval_config, progress=not args.no_progress, bench_iters=args.bench_iters,
+                             localiser_dir=args.localiser)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"m2vla ablate: {exc}", file=sys.stderr)
         return 2

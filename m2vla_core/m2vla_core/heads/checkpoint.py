@@ -10,6 +10,7 @@ against the model the config describes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -21,9 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from m2vla_core.config_io import ConfigError, load_json, save_json
 from m2vla_core.heads.configuration_head import HeadConfig
-from m2vla_core.heads.policy_head import NORM_KEYS, PolicyHead
+from m2vla_core.heads.policy_head import NORM_KEYS, RANGE_KEYS, PolicyHead
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -179,6 +181,10 @@ def load_head(directory: str | os.PathLike, *, backbone: tuple[str, str] | None 
     if float(state["normalizer.fitted"]) != 1.0:
         raise CheckpointError(f"{weights}: normalisation stats were never fitted")
     expected = head.state_dict()
+    if not any(k in state for k in RANGE_KEYS):
+        log.warning("%s: saved before heads kept their output in the demonstrated action range; running it "
+                    "unbounded (retrain to get the range)", weights)
+        state = {**state, **{k: expected[k] for k in RANGE_KEYS}}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

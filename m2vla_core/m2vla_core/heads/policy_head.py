@@ -3,6 +3,9 @@
 MoL -> latent -> action head ("mlp" | "msm" | "skills"). Normalisation lives inside the
 module (buffers saved in model.safetensors), so ``forward`` takes and returns physical units
 and the exported ONNX graph needs no side files; training uses ``forward_normalized``.
+``forward`` also keeps every waypoint inside the range of the demonstrated actions (set by the
+trainer): a head that predicts offsets from the joints could otherwise extrapolate a joint past
+a limit the demonstrations only approached, and the controller would refuse every chunk.
 
 A head trained with an auxiliary loss (``arch.aux_weight``) also has ``aux_predictor``: from
 the same latent, e.g. the objects' positions. ``forward`` does not use it (nor does the ONNX
@@ -26,6 +29,7 @@ from m2vla_core.heads.skills.modeling_skills import SmoothSkillDecoder
 
 NORM_KEYS = ("normalizer.state_mean", "normalizer.state_std", "normalizer.action_mean",
              "normalizer.action_std", "normalizer.fitted")
+RANGE_KEYS = ("normalizer.action_low", "normalizer.action_high")  # absent from checkpoints saved before them
 STD_FLOOR = 1e-6  # a (near-)constant dimension is passed through with std 1 instead of blown up
 
 
@@ -41,6 +45,9 @@ class Normalizer(nn.Module):
         self.register_buffer("action_mean", torch.zeros(action_dim))
         self.register_buffer("action_std", torch.ones(action_dim))
         self.register_buffer("fitted", torch.zeros(()))  # 1 once real statistics were set
+        # The demonstrated actions' range, absolute units; unbounded until ``set_action_range``.
+        self.register_buffer("action_low", torch.full((action_dim,), -float("inf")))
+        self.register_buffer("action_high", torch.full((action_dim,), float("inf")))
 
     def set_stats(self, state_mean: Any, state_std: Any, action_mean: Any, action_std: Any) -> None:
         values = {"state_mean": state_mean, "state_std": state_std, "action_mean": action_mean, "action_std": action_std}
@@ -52,6 +59,20 @@ class Normalizer(nn.Module):
                 t = torch.where(t < STD_FLOOR, torch.ones_like(t), t)
             getattr(self, name).copy_(t)
         self.fitted.fill_(1.0)
+
+    def set_action_range(self, low: Any, high: Any) -> None:
+        low_t, high_t = (torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in (low, high))
+        for name, t in (("action_low", low_t), ("action_high", high_t)):
+            if t.shape != self.action_low.shape or not torch.isfinite(t).all():
+                raise ValueError(f"{name}: expected finite {tuple(self.action_low.shape)}, got {tuple(t.shape)}")
+        if bool((low_t > high_t).any()):
+            raise ValueError(f"action range: low {low_t.tolist()} above high {high_t.tolist()}")
+        self.action_low.copy_(low_t)
+        self.action_high.copy_(high_t)
+
+    def clamp_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Into the action range; NaN stays NaN, so the controller still refuses it."""
+        return torch.minimum(torch.maximum(action, self.action_low), self.action_high)
 
     def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
         return (state - self.state_mean) / self.state_std
@@ -180,8 +201,9 @@ class PolicyHead(nn.Module):
         return out.unflatten(-1, (self.config.chunk_len, self.config.action_dim))  # (B, H, A)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Action chunk (B, H, A) in the action space's units."""
-        return self.normalizer.denormalize_action(self.forward_normalized(features, mask, state)) + self.action_origin(state)
+        """Action chunk (B, H, A) in the action space's units, inside the demonstrated range."""
+        action = self.normalizer.denormalize_action(self.forward_normalized(features, mask, state)) + self.action_origin(state)
+        return self.normalizer.clamp_action(action)
 
     def action_origin(self, state: torch.Tensor) -> torch.Tensor:
         """(B, 1, A) what the layers' waypoints are relative to: with ``arch.relative_actions`` the

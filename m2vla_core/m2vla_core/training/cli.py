@@ -16,7 +16,10 @@ from m2vla_core.training.trainer import RunConfig, run_config_from_preset, saved
 
 
 def resolve_run_config(spec: str) -> RunConfig:
-    """A path to a RunConfig JSON file, or a preset name (strict, with did-you-mean)."""
+    """A path to a RunConfig JSON file, a trained checkpoint directory (the RunConfig it was
+    trained with, from its train.json) or a preset name (strict, with did-you-mean)."""
+    if Path(spec).is_dir():
+        return saved_run_config(spec)
     if spec.endswith(".json") or Path(spec).is_file():
         return load_json(RunConfig, spec)
     try:
@@ -31,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=f"presets:\n{presets}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="feature dataset directory (meta.json + shards)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--config", help=f"RunConfig JSON file or preset name (default {DEFAULT_PRESET}; "
+    p.add_argument("--config", help=f"RunConfig JSON file, trained checkpoint directory or preset name (default {DEFAULT_PRESET}; "
                    "with --resume: the run's own config)")
     p.add_argument("--steps", type=int, help="total optimisation steps (overrides the config)")
     p.add_argument("--batch-size", type=int, help="overrides the config")

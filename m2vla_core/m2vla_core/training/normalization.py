@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,9 +14,13 @@ class NormalizationStats:
     state_std: np.ndarray  # (S,)
     action_mean: np.ndarray  # (A,) over all samples and chunk steps
     action_std: np.ndarray  # (A,)
+    action_low: np.ndarray | None = None  # (A,) the absolute actions' range, which the head's output is kept in
+    action_high: np.ndarray | None = None
 
     def apply_to(self, head) -> None:
         head.normalizer.set_stats(self.state_mean, self.state_std, self.action_mean, self.action_std)
+        if self.action_low is not None:
+            head.normalizer.set_action_range(self.action_low, self.action_high)
 
 
 def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
@@ -32,7 +36,9 @@ def compute_stats(state: np.ndarray, actions: np.ndarray) -> NormalizationStats:
 def dataset_stats(dataset, indices: np.ndarray, head) -> NormalizationStats:
     """Statistics of the split as ``head``'s layers see it: what they read (``head.input_state``:
     the given state and what the head computes from it, e.g. the gripper's position) and output
-    (the actions relative to ``head.action_origin``)."""
+    (the actions relative to ``head.action_origin``), and the range of the absolute actions."""
     state, actions = dataset.state[indices], dataset.actions[indices]
     with torch.no_grad():
-        return compute_stats(head.input_state(state).numpy(), (actions - head.action_origin(state)).numpy())
+        stats = compute_stats(head.input_state(state).numpy(), (actions - head.action_origin(state)).numpy())
+    flat = actions.reshape(-1, actions.shape[-1])  # (N * H, A)
+    return replace(stats, action_low=flat.min(0).values.numpy(), action_high=flat.max(0).values.numpy())
