@@ -41,6 +41,7 @@ class EvalConfig:
     execute_steps: int = 4  # chunk waypoints executed before re-planning (receding horizon)
     gif: bool = True  # keep frames of each task's first episode for a GIF
     privileged_error_m: float = 0.0  # [m] error put on a privileged-state head's object positions
+    latency_steps: int = 0  # control steps from an observation to its chunk reaching the arm (RolloutConfig)
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "torch"):
@@ -55,6 +56,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.max_steps / execute_steps must be >= 1, got {self.max_steps}/{self.execute_steps}")
         if not (np.isfinite(self.privileged_error_m) and self.privileged_error_m >= 0.0):
             raise ValueError(f"EvalConfig.privileged_error_m must be finite and >= 0, got {self.privileged_error_m}")
+        if not isinstance(self.latency_steps, int) or isinstance(self.latency_steps, bool) or self.latency_steps < 0:
+            raise ValueError(f"EvalConfig.latency_steps must be an int >= 0, got {self.latency_steps!r}")
 
 
 @dataclass
@@ -118,7 +121,8 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     n_obj = len(agent.object_errors_m)
     n_loc = len(agent.localiser_ms)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
-                            frame_every=2, controller=get_preset("panda"))  # the ROS controller's chunk checks
+                            frame_every=2, controller=get_preset("panda"),  # the ROS controller's chunk checks
+                            latency_steps=config.latency_steps)
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
@@ -238,6 +242,10 @@ def format_table(report: EvalReport) -> str:
     lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
     lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    latency_steps = report.config.get("latency_steps", 0)
+    if latency_steps:
+        lines.append(f"latency: each chunk reached the arm {latency_steps} control steps after its observation "
+                     f"and ran from its waypoint {latency_steps}")
     if report.refused_chunks:
         lines.append("chunks the controller refuses (the arm held instead): "
                      + ", ".join(f"{n} {code}" for code, n in sorted(report.refused_chunks.items())))
@@ -307,6 +315,9 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--execute-steps", type=int, default=4, help="chunk waypoints executed before re-planning")
     p.add_argument("--privileged-error-cm", type=float, default=0.0,
                    help="a privileged-state head sees each named object this far from the truth (direction per episode)")
+    p.add_argument("--latency-steps", type=int, default=0,
+                   help="emulate the ROS graph's latency: a chunk reaches the arm this many control steps after "
+                        "its observation and runs from that waypoint (needs latency + execute steps <= chunk length)")
     p.add_argument("--json", default="", help="write the JSON report here")
     p.add_argument("--out", default="", help="directory for eval.json, success.png and one GIF per task")
     p.add_argument("--no-gif", action="store_true")
@@ -319,7 +330,7 @@ def eval_main(argv: list[str]) -> int:
                             seed_offset=args.seed_offset, tasks=tuple(parse_task_list(args.tasks)),
                             workers=args.workers, max_steps=args.max_steps, execute_steps=args.execute_steps,
                             gif=not args.no_gif and bool(args.out),
-                            privileged_error_m=args.privileged_error_cm / 100.0)
+                            privileged_error_m=args.privileged_error_cm / 100.0, latency_steps=args.latency_steps)
         report = evaluate(config, progress=not args.no_progress)
         write_outputs(report, args.out or None, args.json or None)
     except (ValueError, KeyError, FileNotFoundError) as exc:

@@ -9,18 +9,30 @@ With ``RolloutConfig.controller`` every chunk first passes the ROS controller's 
 (``check_chunk_values``: shape, finite, joint limits + tolerance, speed); a chunk it would
 refuse is not executed, the arm holds its last target, as on the robot. Without it the sim
 clips every target into the URDF limits, which hides chunks the controller refuses.
+
+Latency (``RolloutConfig.latency_steps`` = K > 0) emulates the ROS graph, where a chunk reaches
+the controller some time after the camera frame it was computed on and the controller indexes
+it by that frame's stamp (``ChunkTrajectory``: waypoint i is due at observation + (i + 1) dt).
+The agent is still asked every ``execute_steps`` steps on the observation of that step, but
+its chunk reaches the arm K steps later: until then the arm keeps following the chunk already
+there (holds at the last target when there is none, as at the start of an episode), and the
+new chunk runs from its waypoint K on (waypoints 0..K-1 were due while it was on its way).
+Re-planning does not wait for the chunk in flight: several can be on their way when K >=
+``execute_steps``. The controller's age check (``max_chunk_age_s``) applies to the K steps.
+K = 0 is the synchronous rollout above, step for step.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from m2vla_core.control.config import ControllerConfig
-from m2vla_core.control.validation import check_chunk_values, reason_code
+from m2vla_core.control.validation import check_chunk_timing, check_chunk_values, reason_code
 
 
 class Agent(Protocol):
@@ -36,6 +48,9 @@ class RolloutConfig:
     keep_frames: bool = False  # keep camera frames for a GIF
     frame_every: int = 1
     controller: ControllerConfig | None = None  # check chunks as the ROS controller does (see above)
+    # control steps from an observation to its chunk reaching the arm (see above); needs chunks of
+    # at least latency_steps + execute_steps waypoints
+    latency_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -44,6 +59,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.execute_steps must be >= 1, got {self.execute_steps}")
         if self.frame_every < 1:
             raise ValueError(f"RolloutConfig.frame_every must be >= 1, got {self.frame_every}")
+        if not isinstance(self.latency_steps, int) or isinstance(self.latency_steps, bool) or self.latency_steps < 0:
+            raise ValueError(f"RolloutConfig.latency_steps must be an int >= 0, got {self.latency_steps!r}")
 
 
 @dataclass
@@ -58,11 +75,27 @@ class EpisodeOutcome:
     frames: list[np.ndarray] = field(default_factory=list)
 
 
+def check_latency_fits(horizon: int, config: RolloutConfig) -> None:
+    """Raise ValueError unless a chunk of ``horizon`` waypoints covers the latency and the steps
+    executed from it (waypoints latency_steps .. latency_steps + execute_steps - 1)."""
+    k, e = config.latency_steps, config.execute_steps
+    if k and horizon < k + e:
+        raise ValueError(f"RolloutConfig.latency_steps {k} needs chunks of at least latency_steps + execute_steps "
+                         f"= {k + e} waypoints, the agent's have {horizon}: use latency_steps <= {max(horizon - e, 0)} "
+                         f"or fewer execute_steps")
+
+
 def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) -> EpisodeOutcome:
     obs = env.reset(task, seed)
     agent.reset()
     outcome = EpisodeOutcome(task=task, seed=seed, instruction=obs.instruction, success=False, steps=0)
     last_target = np.asarray(obs.joint_positions, dtype=np.float64)  # at home, before any command
+    latency = config.latency_steps
+    dt_s = env.config.control_dt_s
+    # what the arm follows: (waypoints (H, A), step of their observation); None until one arrives
+    active: tuple[np.ndarray, int] | None = None
+    # chunks on their way, oldest first: (waypoints, or None for a refused one = hold, observation step)
+    in_flight: deque[tuple[np.ndarray | None, int]] = deque()
     if config.keep_frames:
         outcome.frames.append(obs.image)
     while outcome.steps < config.max_steps:
@@ -71,11 +104,28 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
         outcome.act_ms.append((time.perf_counter() - t0) * 1e3)
         if chunk.ndim != 2 or not np.isfinite(chunk).all():
             break  # a broken chunk ends the episode as a failure; the robot does not execute it
-        refusal = check_chunk_values(chunk, env.config.control_dt_s, config.controller) if config.controller else None
+        check_latency_fits(len(chunk), config)
+        refusal = None
+        if config.controller:
+            refusal = check_chunk_values(chunk, dt_s, config.controller)
+            # the observation is latency * dt old when the chunk arrives (max_chunk_age_s)
+            refusal = refusal or check_chunk_timing(obs.time_s, obs.time_s + latency * dt_s, config.controller)
         if refusal is not None:
             outcome.refusals.append(reason_code(refusal))
-            chunk = np.repeat(last_target[None], config.execute_steps, axis=0)  # hold
-        for waypoint in chunk[: config.execute_steps]:
+        in_flight.append((None if refusal is not None else chunk, outcome.steps))
+        # a refused chunk holds for execute_steps steps; an accepted one runs at most its own length
+        for _ in range(config.execute_steps if refusal is not None else min(config.execute_steps, len(chunk))):
+            if in_flight and outcome.steps >= in_flight[0][1] + latency:  # the oldest one reaches the arm
+                values, observed_step = in_flight.popleft()
+                if values is None:  # refused: hold where the arm is
+                    values, observed_step = last_target[None], outcome.steps  # (1, A)
+                active = (values, observed_step)
+            if active is None:
+                waypoint = last_target  # nothing has reached the arm yet: hold
+            else:
+                values, observed_step = active
+                # indexed by the time since its observation; past its end it stays at the last waypoint
+                waypoint = values[min(outcome.steps - observed_step, len(values) - 1)]
             last_target = waypoint
             obs = env.step(waypoint)
             outcome.steps += 1
