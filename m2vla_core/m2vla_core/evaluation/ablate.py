@@ -119,8 +119,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--localiser", help="object localiser directory put beside every variant (for a head trained "
                    "on a --privileged-state dataset; e.g. the shipped policy's directory)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated head presets")
-    p.add_argument("--base-config", default="", help="RunConfig JSON, trained checkpoint directory (its recipe) or preset shared by all "
-                   "variants (default mol+msm)")
+    p.add_argument("--base-config", default="", help="RunConfig JSON, trained checkpoint directory (its recipe) "
+                   "or preset shared by all variants (default mol+msm)")
     p.add_argument("--steps", type=int, help="training steps per variant (overrides the base config)")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task")
     p.add_argument("--seed-offset", type=int, default=DEFAULT_SEED_OFFSET)

@@ -202,8 +202,8 @@ class PolicyHead(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Action chunk (B, H, A) in the action space's units, inside the demonstrated range."""
-        action = self.normalizer.denormalize_action(self.forward_normalized(features, mask, state)) + self.action_origin(state)
-        return self.normalizer.clamp_action(action)
+        layers = self.normalizer.denormalize_action(self.forward_normalized(features, mask, state))  # (B, H, A)
+        return self.normalizer.clamp_action(layers + self.action_origin(state))
 
     def action_origin(self, state: torch.Tensor) -> torch.Tensor:
         """(B, 1, A) what the layers' waypoints are relative to: with ``arch.relative_actions`` the

@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=f"presets:\n{presets}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="feature dataset directory (meta.json + shards)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--config", help=f"RunConfig JSON file, trained checkpoint directory or preset name (default {DEFAULT_PRESET}; "
-                   "with --resume: the run's own config)")
+    p.add_argument("--config", help="RunConfig JSON file, trained checkpoint directory or preset name "
+                   f"(default {DEFAULT_PRESET}; with --resume: the run's own config)")
     p.add_argument("--steps", type=int, help="total optimisation steps (overrides the config)")
     p.add_argument("--batch-size", type=int, help="overrides the config")
     p.add_argument("--seed", type=int, help="overrides the config")
