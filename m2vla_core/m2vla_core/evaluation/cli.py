@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m2vla_core.evaluation.rollout import check_latency_steps
+
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores
 GIF_SIZE_PX = 128
@@ -56,8 +58,7 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.max_steps / execute_steps must be >= 1, got {self.max_steps}/{self.execute_steps}")
         if not (np.isfinite(self.privileged_error_m) and self.privileged_error_m >= 0.0):
             raise ValueError(f"EvalConfig.privileged_error_m must be finite and >= 0, got {self.privileged_error_m}")
-        if not isinstance(self.latency_steps, int) or isinstance(self.latency_steps, bool) or self.latency_steps < 0:
-            raise ValueError(f"EvalConfig.latency_steps must be an int >= 0, got {self.latency_steps!r}")
+        check_latency_steps(self.latency_steps, "EvalConfig")
 
 
 @dataclass

@@ -41,6 +41,13 @@ class Agent(Protocol):
     def act(self, observation) -> np.ndarray: ...  # (H, A)
 
 
+def check_latency_steps(value, owner: str) -> None:
+    """The one check of a ``latency_steps`` field (``RolloutConfig`` and ``EvalConfig``, which
+    refuses it before any policy loads)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{owner}.latency_steps must be an int >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     max_steps: int = 120  # control steps (at the env's control period) before giving up
@@ -59,8 +66,7 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.execute_steps must be >= 1, got {self.execute_steps}")
         if self.frame_every < 1:
             raise ValueError(f"RolloutConfig.frame_every must be >= 1, got {self.frame_every}")
-        if not isinstance(self.latency_steps, int) or isinstance(self.latency_steps, bool) or self.latency_steps < 0:
-            raise ValueError(f"RolloutConfig.latency_steps must be an int >= 0, got {self.latency_steps!r}")
+        check_latency_steps(self.latency_steps, "RolloutConfig")
 
 
 @dataclass
