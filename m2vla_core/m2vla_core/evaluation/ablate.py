@@ -50,7 +50,7 @@ def run_ablation(features_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     localiser = None
     if localiser_dir is not None:  # checked (backbone included) before hours of training
-        meta = FeatureDataset(features_dir).meta
+        meta = FeatureDataset(features_dir, load=False).meta  # the backbone it names, not 4 GB of shards
         localiser = load_localiser(localiser_dir, backbone=(meta.backbone_id, meta.backbone_digest))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
