@@ -1,7 +1,7 @@
 """The head's arm-aware options. Gripper features: forward kinematics from the URDF, equal to
 PyBullet's, computed inside the head (trained with their statistics, saved, exported to ONNX) from
 the state it gets. Relative actions: the layers predict offsets from the current joints, the head
-still emits absolute targets."""
+still emits absolute targets. The grasp-point loss: errors counted where they put the gripper."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from m2vla_core.kinematics import PandaKinematics
 from m2vla_core.robot_model import panda_urdf_path
 from m2vla_core.sim.tasks import PRIVILEGED_STATE_NAMES
 from m2vla_core.training.feature_dataset import FeatureDataset, FeatureDatasetMeta, FeatureDatasetWriter
-from m2vla_core.training.trainer import RunConfig, TrainConfig, train
+from m2vla_core.training.trainer import RunConfig, TrainConfig, grasp_point_error_cm, train
 
 ACTION_NAMES = (*PANDA_ARM_JOINTS, "gripper_opening")
 STATE_NAMES = (*ACTION_NAMES, *PRIVILEGED_STATE_NAMES)
@@ -202,3 +202,58 @@ def test_the_range_lets_nan_through_for_the_controller_to_refuse():
         head.normalizer.set_action_range(np.ones(8), np.zeros(8))
     with pytest.raises(ValueError, match="finite"):
         head.normalizer.set_action_range(np.full(8, -np.inf), np.ones(8))
+
+
+def _panda_head(**arch_options):
+    config = dataclasses.replace(small_head_config("mol+msm", state_dim=len(STATE_NAMES)), state_names=STATE_NAMES,
+                                 action_names=ACTION_NAMES)
+    return build_head(dataclasses.replace(config, arch=dataclasses.replace(config.arch, gripper_features="panda",
+                                                                           **arch_options)))
+
+
+def test_the_grasp_point_error_counts_where_the_waypoints_put_the_gripper(pybullet_fk):
+    """A shoulder error moves the fingertips far more than a wrist roll of the same size, which a
+    joint-space loss weighs alike; the gripper's opening is not a position."""
+    head = _panda_head()  # unfitted normaliser (mean 0, std 1) and absolute actions: normalised == absolute
+    arm = _random_arm(4 * 16, seed=5)
+    demonstrated = torch.as_tensor(np.c_[arm, np.full(len(arm), 0.04)], dtype=torch.float32).reshape(4, 16, 8)
+    state = torch.zeros(4, len(STATE_NAMES))
+    assert float(grasp_point_error_cm(head, demonstrated, demonstrated, state)) == 0.0
+
+    def error_cm(joint: int, delta: float) -> float:
+        pred = demonstrated.clone()
+        pred[..., joint] += delta
+        return float(grasp_point_error_cm(head, pred, demonstrated, state))
+
+    shoulder, wrist_roll, gripper = error_cm(1, 0.02), error_cm(6, 0.02), error_cm(7, 0.02)
+    moved = arm.copy()
+    moved[:, 1] += 0.02
+    expected = np.abs(pybullet_fk(moved) - pybullet_fk(arm)).mean() * 100.0
+    assert shoulder == pytest.approx(expected, rel=1e-3)  # per-axis mean [cm], by PyBullet's kinematics
+    assert shoulder > 0.3 and shoulder > 50 * wrist_roll  # the grasp point sits on the wrist's axis
+    assert gripper == 0.0
+
+
+def test_the_grasp_point_loss_needs_the_grippers_kinematics_and_a_sane_weight():
+    with pytest.raises(ValueError, match="gripper_features"):
+        RunConfig(arch=small_head_config("mol+msm").arch, train=TrainConfig(grasp_point_weight=0.3))
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="grasp_point_weight"):
+            TrainConfig(grasp_point_weight=bad)
+
+
+def test_training_reports_the_grasp_point_error_and_learns_from_it_when_weighted(panda_data, tmp_path):
+    """Every head with the gripper's kinematics gets the held-out grasp-point error in its history;
+    the weight changes what is learnt, and the action loss reported stays the action loss alone."""
+    runs = {}
+    for weight in (0.0, 5.0):
+        run = _run(gripper_features="panda")
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, grasp_point_weight=weight))
+        runs[weight] = train(panda_data, tmp_path / f"w{weight}", run, progress=False, plot=False)
+    for result in runs.values():
+        assert [step for step, _ in result.val_grasp_point_cm] == [step for step, _ in result.val_loss]
+        assert all(np.isfinite(cm) and cm > 0 for _, cm in result.val_grasp_point_cm)
+    assert runs[0.0].train_loss[0] == runs[5.0].train_loss[0]  # same first batch, same action loss
+    assert runs[0.0].train_loss[-1] != runs[5.0].train_loss[-1]  # the weighted run's steps went elsewhere
+    plain = train(panda_data, tmp_path / "plain", _run(), progress=False, plot=False)
+    assert plain.val_grasp_point_cm == []  # no kinematics, nothing to report

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         "back; it still emits absolute targets); overrides the config")
     p.add_argument("--action-loss", choices=("mse", "l1"),
                    help="action loss in normalised units (validation reports the MSE either way); overrides the config")
+    p.add_argument("--grasp-point-weight", type=float,
+                   help="add this weight times the grasp-point error [cm] (where the predicted vs the demonstrated "
+                        "waypoints put the gripper; needs --gripper-features panda) to the loss; overrides the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="end this session at this step (resumable checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -74,7 +77,8 @@ def train_main(argv: list[str]) -> int:
         noise_m = None if args.position_noise_cm is None else args.position_noise_cm / 100.0
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
                                        ("aux_first_frames", args.aux_first_frames), ("position_noise_m", noise_m),
-                                       ("action_loss", args.action_loss))
+                                       ("action_loss", args.action_loss),
+                                       ("grasp_point_weight", args.grasp_point_weight))
                      if v is not None}
         arch = run.arch if args.aux_weight is None else replace(run.arch, aux_weight=args.aux_weight)
         if args.gripper_features is not None:
@@ -90,6 +94,9 @@ def train_main(argv: list[str]) -> int:
     last_val = f"{result.val_loss[-1][1]:.5f}" if result.val_loss else "n/a (single-episode dataset)"
     print(f"trained to step {result.step} in {result.seconds:.1f} s; final train loss "
           f"{result.train_loss[-1][1] if result.train_loss else float('nan'):.5f}, val loss {last_val}")
+    if result.val_grasp_point_cm:
+        print(f"grasp point: validation error {result.val_grasp_point_cm[-1][1]:.2f} cm (mean per axis, where the "
+              f"waypoints put the gripper)")
     if result.val_aux_rmse:
         print(f"auxiliary targets: validation RMS error {result.val_aux_rmse[-1][1]:.4f} (their units, e.g. m)")
     print(f"checkpoint: {result.out_dir}")

@@ -14,7 +14,9 @@ With ``arch.aux_weight > 0`` the loss adds that weight times the MSE of the auxi
 prediction (normalised targets, e.g. every object's x, y; absent ones, NaN, are left out).
 ``history["train"]`` and ``history["val"]`` stay the action loss alone, so runs with and
 without it compare; ``history["val_aux_rmse"]`` is the validation error of the prediction in
-the targets' units.
+the targets' units. The same holds for ``train.grasp_point_weight`` (a loss on where the
+waypoints put the gripper); ``history["val_grasp_point_cm"]`` reports that error for every head
+with the gripper's kinematics, whether it was trained on it or not.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ class TrainConfig:
     # in a state rather than their mean: less pulled between two ways of solving it). Validation
     # reports the MSE either way, so runs compare.
     action_loss: str = "mse"
+    # Weight of a grasp-point loss added to the action loss: the mean per-axis distance [cm] between
+    # where the predicted and the demonstrated waypoints put the gripper (forward kinematics, needs
+    # ``arch.gripper_features``). A joint-space loss weighs every joint alike, while a shoulder error
+    # moves the fingertips ten times as far as a wrist error of the same size; grasps and placements
+    # are judged in centimetres. 0 = off.
+    grasp_point_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.action_loss not in ACTION_LOSSES:
@@ -97,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not (math.isfinite(self.position_noise_m) and self.position_noise_m >= 0):
             raise ValueError(f"TrainConfig.position_noise_m must be finite and >= 0, got {self.position_noise_m}")
+        if not (math.isfinite(self.grasp_point_weight) and self.grasp_point_weight >= 0):
+            raise ValueError(f"TrainConfig.grasp_point_weight must be finite and >= 0, got {self.grasp_point_weight}")
 
 
 @dataclass
@@ -111,6 +121,9 @@ class RunConfig:
         if self.train.aux_first_frames and not self.arch.aux_weight:
             raise ValueError(f"TrainConfig.aux_first_frames = {self.train.aux_first_frames} needs an auxiliary loss "
                              f"(arch.aux_weight > 0, `--aux-weight`); without one it would be silently ignored")
+        if self.train.grasp_point_weight and not self.arch.gripper_features:
+            raise ValueError(f"TrainConfig.grasp_point_weight = {self.train.grasp_point_weight} needs the gripper's "
+                             f"kinematics (arch.gripper_features, `--gripper-features panda`)")
 
 
 def saved_run_config(out_dir: str | os.PathLike) -> RunConfig:
@@ -133,6 +146,7 @@ class TrainResult:
     val_loss: list[tuple[int, float]]
     seconds: float
     val_aux_rmse: list[tuple[int, float]] = field(default_factory=list)  # [target units] with arch.aux_weight > 0
+    val_grasp_point_cm: list[tuple[int, float]] = field(default_factory=list)  # with the gripper's kinematics
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -168,34 +182,71 @@ def perturb_positions(state: torch.Tensor, std_m: float, step: int, cfg: TrainCo
     return out
 
 
+@dataclass
+class Losses:
+    """One batch's losses: the action loss in normalised units, the auxiliary MSE (None without
+    auxiliary targets) and the grasp-point error in cm (None without the gripper's kinematics)."""
+
+    action: torch.Tensor
+    aux: torch.Tensor | None = None
+    grasp_point_cm: torch.Tensor | None = None
+
+
+def grasp_point_error_cm(head: PolicyHead, pred_n: torch.Tensor, actions: torch.Tensor,
+                         state: torch.Tensor) -> torch.Tensor:
+    """Mean per-axis distance [cm] between the gripper positions of the predicted waypoints
+    (normalised, before the action range's clamp, so it keeps its gradient) and of the
+    demonstrated ones (B, H, A), by the head's forward kinematics."""
+    kinematics = head.gripper_features.kinematics
+    joints = kinematics.num_joints
+    pred = head.normalizer.denormalize_action(pred_n) + head.action_origin(state)  # (B, H, A)
+    flat = lambda chunk: chunk[..., :joints].reshape(-1, joints)  # noqa: E731
+    return (kinematics(flat(pred)) - kinematics(flat(actions))).abs().mean() * 100.0
+
+
 def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool,
-            action_loss: str = "mse") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(action loss, auxiliary loss or None) in normalised units; the auxiliary one is an MSE."""
+            action_loss: str = "mse", grasp_point: bool = True) -> Losses:
+    """This batch's ``Losses``; the action loss an MSE or an L1 in normalised units; the grasp-point
+    error only when asked for (forward kinematics of every waypoint, twice)."""
     target = head.normalized_action_target(batch["actions"], batch["state"])  # (B, H, A)
     exclude_ep = batch["episode_index"] if exclude and head.uses_memory else None
     pred, aux = head.forward_training(batch["hidden"], batch["mask"], batch["state"], exclude_episode=exclude_ep)
-    action_loss = (torch.nn.functional.l1_loss if action_loss == "l1" else torch.nn.functional.mse_loss)(pred, target)
+    losses = Losses((torch.nn.functional.l1_loss if action_loss == "l1" else torch.nn.functional.mse_loss)(pred, target))
+    if grasp_point and head.gripper_features is not None:
+        losses.grasp_point_cm = grasp_point_error_cm(head, pred, batch["actions"], batch["state"])
     if aux is None:
-        return action_loss, None
+        return losses
     target = head.aux_predictor.normalize(batch[AUX_FIELD])  # (B, K), NaN where absent
     present = ~torch.isnan(target)
-    if not present.any():
-        return action_loss, aux.sum() * 0.0  # nothing to learn from in this batch
-    return action_loss, (aux - torch.nan_to_num(target))[present].pow(2).mean()
+    losses.aux = ((aux - torch.nan_to_num(target))[present].pow(2).mean() if present.any()
+                  else aux.sum() * 0.0)  # nothing to learn from in this batch
+    return losses
 
 
 @torch.no_grad()
-def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray, batch_size: int = 256) -> float:
-    """Mean normalised action MSE over (up to the first ``len(val_idx)``) validation samples."""
+def validation_means(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray,
+                     batch_size: int = 256) -> dict[str, float]:
+    """Means over (up to the first ``len(val_idx)``) validation samples: the normalised action MSE
+    ("action") and, for a head with the gripper's kinematics, the grasp-point error in cm
+    ("grasp_point_cm")."""
     was_training = head.training
     head.eval()
-    total, count = 0.0, 0
+    totals: dict[str, float] = {}
+    count = 0
     for start in range(0, len(val_idx), batch_size):
         idx = val_idx[start:start + batch_size]
-        total += float(_losses(head, dataset.batch(idx), exclude=False)[0]) * len(idx)
+        losses = _losses(head, dataset.batch(idx), exclude=False)
+        for name, value in (("action", losses.action), ("grasp_point_cm", losses.grasp_point_cm)):
+            if value is not None:
+                totals[name] = totals.get(name, 0.0) + float(value) * len(idx)
         count += len(idx)
     head.train(was_training)
-    return total / max(count, 1)
+    return {name: total / max(count, 1) for name, total in totals.items()} if count else {"action": 0.0}
+
+
+def validation_loss(head: PolicyHead, dataset: FeatureDataset, val_idx: np.ndarray, batch_size: int = 256) -> float:
+    """Mean normalised action MSE over (up to the first ``len(val_idx)``) validation samples."""
+    return validation_means(head, dataset, val_idx, batch_size)["action"]
 
 
 @torch.no_grad()
@@ -374,7 +425,10 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         raise DatasetError(f"{data_dir}: no training samples for the auxiliary loss")
 
     def validate(step: int) -> None:
-        history["val"].append((step, validation_loss(head, dataset, val_idx)))
+        means = validation_means(head, dataset, val_idx)
+        history["val"].append((step, means["action"]))
+        if "grasp_point_cm" in means:
+            history.setdefault("val_grasp_point_cm", []).append((step, means["grasp_point_cm"]))
         rmse = aux_rmse(head, dataset, aux_val_idx) if head.aux_predictor is not None and len(aux_val_idx) else math.nan
         if math.isfinite(rmse):  # nothing to report where no target is present (and JSON has no NaN)
             history.setdefault("val_aux_rmse", []).append((step, rmse))
@@ -393,11 +447,15 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         batch = dataset.batch(_batch_indices(train_idx, step, cfg))
         if cfg.position_noise_m:
             batch["state"] = perturb_positions(batch["state"], cfg.position_noise_m, step, cfg)
-        action_loss, aux_loss = _losses(head, batch, exclude=run.arch.msm.exclude_same_episode,
-                                        action_loss=cfg.action_loss)
+        losses = _losses(head, batch, exclude=run.arch.msm.exclude_same_episode, action_loss=cfg.action_loss,
+                         grasp_point=bool(cfg.grasp_point_weight))
+        action_loss, aux_loss = losses.action, losses.aux
         if aux_loss is not None and cfg.aux_first_frames:  # its own batch: few samples qualify
-            aux_loss = _losses(head, dataset.batch(_batch_indices(aux_train_idx, step, cfg, stream=1)), exclude=False)[1]
+            aux_loss = _losses(head, dataset.batch(_batch_indices(aux_train_idx, step, cfg, stream=1)), exclude=False,
+                               grasp_point=False).aux
         loss = action_loss if aux_loss is None else action_loss + run.arch.aux_weight * aux_loss
+        if cfg.grasp_point_weight:
+            loss = loss + cfg.grasp_point_weight * losses.grasp_point_cm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
@@ -411,6 +469,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
             post = {"loss": f"{action_loss.item():.4f}"}
             if history["val"]:
                 post["val"] = f"{history['val'][-1][1]:.4f}"
+            if history.get("val_grasp_point_cm"):
+                post["grasp_cm"] = f"{history['val_grasp_point_cm'][-1][1]:.2f}"
             if history.get("val_aux_rmse"):
                 post["aux_rmse"] = f"{history['val_aux_rmse'][-1][1]:.4f}"
             bar.set_postfix(post, refresh=False)
@@ -421,4 +481,5 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     final = max(end, start)
     _save_all(head, optimizer, final, out, run, data_dir, history, plot=plot)
     return TrainResult(out, final, [tuple(x) for x in history["train"]], [tuple(x) for x in history["val"]],
-                       time.perf_counter() - t0, [tuple(x) for x in history.get("val_aux_rmse", [])])
+                       time.perf_counter() - t0, [tuple(x) for x in history.get("val_aux_rmse", [])],
+                       [tuple(x) for x in history.get("val_grasp_point_cm", [])])
