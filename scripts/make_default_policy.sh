@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/m2vla_default_policy}
 M2VLA=.venv/bin/m2vla
 EPISODES=${EPISODES:-160}   # per task, seeds 0..EPISODES-1 (evaluation uses seeds >= 1000)
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-12000}
 LAYOUTS=${LAYOUTS:-640}   # first frames per task the localiser is fitted on (seeds 0..LAYOUTS-1)
 DEST=m2vla_core/m2vla_core/assets/policies/default
 

@@ -68,7 +68,7 @@ PARAMETERS = {
     "blend_s": (0.1, "[s] cross-fade from the commanded position into a new chunk", (0.0, 5.0)),
     "max_chunk_age_s": (1.0, "[s] refuse chunks whose observation is older on arrival", (0.001, 60.0)),
     "max_future_stamp_s": (0.05, "[s] refuse observation stamps this far in the future", (0.0, 10.0)),
-    "chunk_timeout_s": (1.0, "[s] hold when no chunk was accepted for this long", (0.001, 60.0)),
+    "chunk_timeout_s": (1.5, "[s] hold when no chunk was accepted for this long", (0.001, 60.0)),
     "max_joint_state_age_s": (0.25, "[s] hold when the newest joint state is older", (0.001, 60.0)),
     "position_tolerance": (0.05, "[rad | m] refuse chunk waypoints beyond limits by more", (0.0, 1.0)),
     "max_chunk_speed_factor": (3.0, "refuse chunks faster than this x velocity limit", (1.0, 100.0)),

@@ -106,10 +106,11 @@ def test_a_chunk_the_controller_would_refuse_is_held_not_clipped_into_range(env)
             return np.repeat(target[None], 16, axis=0)
 
     home = env.reset("pick_lift", 3).joint_positions.copy()
-    held = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(max_steps=8, controller=get_preset("panda")))
+    every4 = dict(max_steps=8, execute_steps=4)  # two chunks
+    held = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(**every4, controller=get_preset("panda")))
     assert held.refusals == ["out_of_limits", "out_of_limits"]
     np.testing.assert_allclose(env.observe().joint_positions, home, atol=2e-3)  # the arm did not move
-    clipped = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(max_steps=8))
+    clipped = run_episode(env, ClosesTooFar(), "pick_lift", 3, RolloutConfig(**every4))
     assert clipped.refusals == []
     moved = env.observe().joint_positions
     assert moved[0] > home[0] + 0.05 and moved[7] < home[7] - 0.02  # executed, the gripper clipped to closed

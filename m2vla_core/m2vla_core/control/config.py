@@ -83,7 +83,7 @@ class ControllerConfig:
     blend_s: float = 0.1  # cross-fade window from the commanded position into a new chunk
     max_chunk_age_s: float = 1.0  # a chunk whose observation is older than this on arrival is refused
     max_future_stamp_s: float = 0.05  # observation stamps this far ahead of now are refused (clock skew)
-    chunk_timeout_s: float = 1.0  # hold when no chunk was accepted for this long (> 2 policy periods)
+    chunk_timeout_s: float = 1.5  # hold when no chunk was accepted for this long (> one 1.2 s policy period)
     max_joint_state_age_s: float = 0.25  # hold when the newest joint state is older than this
     position_tolerance: float = 0.05  # chunk waypoints beyond limits by more than this are refused
     max_chunk_speed_factor: float = 3.0  # refuse chunks whose waypoint speed exceeds factor * velocity limit

@@ -24,6 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from m2vla_core.evaluation.rollout import EXECUTE_STEPS
+
 DEFAULT_VARIANTS = ("last+mlp", "uniform+mlp", "mol+mlp", "last+msm", "mol+msm")
 
 
@@ -127,7 +129,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--tasks", default="all")
     p.add_argument("--workers", type=int, default=1, help=f"evaluation worker processes (1..{MAX_WORKERS})")
     p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--execute-steps", type=int, default=4)
+    p.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS)
     p.add_argument("--bench-iters", type=int, default=300)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2vla_core.evaluation.rollout import check_latency_steps
+from m2vla_core.evaluation.rollout import EXECUTE_STEPS, check_latency_steps
 
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores
@@ -40,7 +40,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = ()  # () = all tasks
     workers: int = 1
     max_steps: int = 200  # control steps per episode before it counts as a failure
-    execute_steps: int = 4  # chunk waypoints executed before re-planning (receding horizon)
+    execute_steps: int = EXECUTE_STEPS  # chunk waypoints executed before re-planning (receding horizon)
     gif: bool = True  # keep frames of each task's first episode for a GIF
     privileged_error_m: float = 0.0  # [m] error put on a privileged-state head's object positions
     latency_steps: int = 0  # control steps from an observation to its chunk reaching the arm (RolloutConfig)
@@ -313,7 +313,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
     p.add_argument("--workers", type=int, default=1, help=f"worker processes (1..{MAX_WORKERS})")
     p.add_argument("--max-steps", type=int, default=200, help="control steps per episode")
-    p.add_argument("--execute-steps", type=int, default=4, help="chunk waypoints executed before re-planning")
+    p.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS,
+                   help="chunk waypoints executed before re-planning (default: the ROS graph's cadence)")
     p.add_argument("--privileged-error-cm", type=float, default=0.0,
                    help="a privileged-state head sees each named object this far from the truth (direction per episode)")
     p.add_argument("--latency-steps", type=int, default=0,
