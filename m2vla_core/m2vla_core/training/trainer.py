@@ -200,8 +200,8 @@ def grasp_point_error_cm(head: PolicyHead, pred_n: torch.Tensor, actions: torch.
     kinematics = head.gripper_features.kinematics
     joints = kinematics.num_joints
     pred = head.normalizer.denormalize_action(pred_n) + head.action_origin(state)  # (B, H, A)
-    flat = lambda chunk: chunk[..., :joints].reshape(-1, joints)  # noqa: E731
-    return (kinematics(flat(pred)) - kinematics(flat(actions))).abs().mean() * 100.0
+    predicted, demonstrated = (kinematics(chunk[..., :joints].reshape(-1, joints)) for chunk in (pred, actions))
+    return (predicted - demonstrated).abs().mean() * 100.0
 
 
 def _losses(head: PolicyHead, batch: dict[str, torch.Tensor], exclude: bool,
