@@ -204,11 +204,10 @@ def test_the_range_lets_nan_through_for_the_controller_to_refuse():
         head.normalizer.set_action_range(np.full(8, -np.inf), np.ones(8))
 
 
-def _panda_head(**arch_options):
+def _panda_head():
     config = dataclasses.replace(small_head_config("mol+msm", state_dim=len(STATE_NAMES)), state_names=STATE_NAMES,
                                  action_names=ACTION_NAMES)
-    return build_head(dataclasses.replace(config, arch=dataclasses.replace(config.arch, gripper_features="panda",
-                                                                           **arch_options)))
+    return build_head(dataclasses.replace(config, arch=dataclasses.replace(config.arch, gripper_features="panda")))
 
 
 def test_the_grasp_point_error_counts_where_the_waypoints_put_the_gripper(pybullet_fk):

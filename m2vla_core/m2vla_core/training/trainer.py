@@ -81,8 +81,8 @@ class TrainConfig:
     # Weight of a grasp-point loss added to the action loss: the mean per-axis distance [cm] between
     # where the predicted and the demonstrated waypoints put the gripper (forward kinematics, needs
     # ``arch.gripper_features``). A joint-space loss weighs every joint alike, while a shoulder error
-    # moves the fingertips ten times as far as a wrist error of the same size; grasps and placements
-    # are judged in centimetres. 0 = off.
+    # moves the fingertips far more than a wrist error of the same size; grasps and placements are
+    # judged in centimetres. 0 = off (on the shipped recipe, 0.3 did not help: docs/results.md).
     grasp_point_weight: float = 0.0
 
     def __post_init__(self) -> None:
