@@ -148,7 +148,7 @@ def test_eval_cli_refuses_a_negative_latency_before_loading_anything(capsys):
     assert "latency_steps must be an int >= 0" in capsys.readouterr().err
 
 
-def test_eval_report_records_the_latency_in_its_config_and_table_footer():
+def test_eval_report_records_the_latency_and_the_cadence_in_its_config_and_table_footer():
     config = EvalConfig(latency_steps=3, tasks=("reach_above",))
     report = EvalReport(policy="p", backend="onnxruntime", mean_success=0.5, success={"reach_above": 0.5},
                         episodes={"reach_above": [{}, {}]}, seeds={"reach_above": [1000, 1001]}, act_ms_p50=1.0,
@@ -158,3 +158,4 @@ def test_eval_report_records_the_latency_in_its_config_and_table_footer():
     assert "reached the arm 3 control steps after its observation" in format_table(report)
     synchronous = EvalReport(**{**report.__dict__, "config": asdict(EvalConfig())})
     assert "reached the arm" not in format_table(synchronous)
+    assert "re-planned every 12 waypoints" in format_table(synchronous)  # the graph's cadence, the default

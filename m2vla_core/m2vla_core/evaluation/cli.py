@@ -243,6 +243,8 @@ def format_table(report: EvalReport) -> str:
     lines.append(f"{'mean':<16}{report.mean_success * 100:>8.1f}%")
     lines.append(f"act latency p50 {report.act_ms_p50:.1f} ms, p99 {report.act_ms_p99:.1f} ms "
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
+    if "execute_steps" in report.config:  # success depends on it (docs/results.md, "Re-planning less often")
+        lines.append(f"re-planned every {report.config['execute_steps']} waypoints of each chunk")
     latency_steps = report.config.get("latency_steps", 0)
     if latency_steps:
         lines.append(f"latency: each chunk reached the arm {latency_steps} control steps after its observation "
