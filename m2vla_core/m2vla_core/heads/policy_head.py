@@ -202,8 +202,12 @@ class PolicyHead(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Action chunk (B, H, A) in the action space's units, inside the demonstrated range."""
-        layers = self.normalizer.denormalize_action(self.forward_normalized(features, mask, state))  # (B, H, A)
-        return self.normalizer.clamp_action(layers + self.action_origin(state))
+        return self.normalizer.clamp_action(self.unbounded_action(self.forward_normalized(features, mask, state), state))
+
+    def unbounded_action(self, action_n: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """(B, H, A) what ``forward_normalized`` outputs -> absolute targets, before the action
+        range's clamp (the inverse of ``normalized_action_target``; losses on it keep a gradient)."""
+        return self.normalizer.denormalize_action(action_n) + self.action_origin(state)
 
     def action_origin(self, state: torch.Tensor) -> torch.Tensor:
         """(B, 1, A) what the layers' waypoints are relative to: with ``arch.relative_actions`` the

@@ -199,7 +199,7 @@ def grasp_point_error_cm(head: PolicyHead, pred_n: torch.Tensor, actions: torch.
     demonstrated ones (B, H, A), by the head's forward kinematics."""
     kinematics = head.gripper_features.kinematics
     joints = kinematics.num_joints
-    pred = head.normalizer.denormalize_action(pred_n) + head.action_origin(state)  # (B, H, A)
+    pred = head.unbounded_action(pred_n, state)  # (B, H, A)
     predicted, demonstrated = (kinematics(chunk[..., :joints].reshape(-1, joints)) for chunk in (pred, actions))
     return (predicted - demonstrated).abs().mean() * 100.0
 
