@@ -4,7 +4,8 @@
   exits with code 2 and a one-line message; SIGINT/SIGTERM stop the executor, which lets running
   callbacks finish before the node is destroyed, then rclpy shuts down: exit code 0.
 - ``enable_stack_dumps()``: SIGUSR1 makes the process print every thread's Python stack to
-  stderr (its log) and go on running. ``m2vla bringup`` and the tests send it to a node that did
+  stderr (its log) and go on running; a fatal signal (SIGSEGV, SIGABRT, ...) prints them before
+  the process dies, so a crash in native code (DDS, PyBullet) says which Python call made it. ``m2vla bringup`` and the tests send it to a node that did
   not stop within its grace period after SIGINT, before they escalate; ``kill -USR1 <pid>`` does
   the same for a node that looks stuck while running.
 - ``bound_teardown()``: called once the executor has stopped. If stopping the callbacks,
@@ -69,7 +70,8 @@ def run(name: str, make_node: Callable[[], Node], make_executor: Callable[[], Ex
 
 
 def enable_stack_dumps() -> None:
-    """Print all threads' stacks to stderr on SIGUSR1 (the node keeps running)."""
+    """Print all threads' stacks to stderr on SIGUSR1 (the node keeps running) and on a crash."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
 
 

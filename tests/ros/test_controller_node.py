@@ -79,6 +79,12 @@ def _stop(proc: subprocess.Popen, log: Path) -> int:
     return proc.returncode
 
 
+def _log_tails(*logs: Path, chars: int = 3000) -> str:
+    """The end of each node's log, for a failure message (CI keeps no tmp_path)."""
+    return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:] if log.exists() else '(no log)'}"
+                     for log in logs)
+
+
 class Peer:
     """Test-side rclpy node on its own context and domain, spun in a thread."""
 
@@ -248,7 +254,7 @@ def rig(tmp_path_factory):
     finally:
         peer.close()
         codes = [_stop(ctl, logs / "controller.log"), _stop(jtc, logs / "jtc.log")]
-    assert codes == [0, 0], f"controller exited with {codes}; logs in {logs}"
+    assert codes == [0, 0], f"controller exited with {codes}:\n{_log_tails(logs / 'controller.log', logs / 'jtc.log')}"
 
 
 def test_a_chunk_leads_to_commands_that_move_toward_its_target(rig):
@@ -433,4 +439,4 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
     finally:
         peer.close()
         codes = [_stop(ctl, tmp_path / "controller.log"), _stop(sim, tmp_path / "sim.log")]
-    assert codes == [0, 0], f"exit codes {codes}; logs in {tmp_path}"
+    assert codes == [0, 0], f"exit codes {codes}:\n{_log_tails(tmp_path / 'controller.log', tmp_path / 'sim.log')}"
