@@ -2,7 +2,11 @@
 
 - ``run()``: every node's ``main``. A bad parameter set (ValueError from the node's constructor)
   exits with code 2 and a one-line message; SIGINT/SIGTERM stop the executor, which lets running
-  callbacks finish before the node is destroyed, then rclpy shuts down: exit code 0.
+  callbacks finish before the node is destroyed, then rclpy shuts down: exit code 0. The process
+  then ends at once (``os._exit`` after flushing its output), without running C++ static
+  destructors: Fast DDS's singletons can crash there (rmw_fastrtps issue 761 reports SIGSEGV at
+  exit and this workaround; our sim node exited -11 once in CI after a clean stop, where exactly
+  is unknown), and a node has nothing left to save once its DDS participant is gone.
 - ``enable_stack_dumps()``: SIGUSR1 makes the process print every thread's Python stack to
   stderr (its log) and go on running; a fatal signal (SIGSEGV, SIGABRT, ...) prints them before
   the process dies, so a crash in native code (DDS, PyBullet) says which Python call made it. ``m2vla bringup`` and the tests send it to a node that did
@@ -18,6 +22,8 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -65,8 +71,18 @@ def run(name: str, make_node: Callable[[], Node], make_executor: Callable[[], Ex
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    if code:
-        sys.exit(code)
+    exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """Flush what the process printed and logged, then end it without interpreter or C++ finalizers."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def enable_stack_dumps() -> None:

@@ -16,7 +16,7 @@ from m2vla_ros import node_process
 
 # A node with a slow timer callback; ``behaviour`` picks what the test wants from it.
 NODE_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import atexit, os, signal, sys, time
     from m2vla_ros.executor import SingleSubmitMultiThreadedExecutor
     from rclpy.node import Node
     from m2vla_ros import node_process
@@ -42,6 +42,8 @@ NODE_SCRIPT = textwrap.dedent("""
                 time.sleep(120)
             super().destroy_node()
 
+    if behaviour == "crash_at_exit":  # what a native library's static destructor can do at exit
+        atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))
     node_process.run("m2vla_test_slow", Slow, lambda: SingleSubmitMultiThreadedExecutor(num_threads=2))
 """)
 
@@ -77,6 +79,12 @@ def test_sigint_lets_the_running_callback_finish_before_the_node_is_destroyed_an
     lines = log.read_text().splitlines()
     assert "destroying" in lines
     assert lines.index("callback finished") < lines.index("destroying"), lines
+
+
+def test_a_clean_stop_exits_0_even_if_a_library_would_crash_while_the_process_exits(tmp_path, ros_env):
+    log = tmp_path / "node.log"
+    assert _exit_code_after_sigint("crash_at_exit", log, ros_env, once="ready") == 0, log.read_text()
+    assert "destroying" in log.read_text().splitlines()
 
 
 def test_a_bad_parameter_set_exits_2_with_a_one_line_reason(tmp_path, ros_env):
