@@ -1,8 +1,24 @@
-"""Command-stream timing statistics: measured rate, period error percentiles, ticks on time."""
+"""Command-stream timing: measured rate, period error percentiles, ticks on time; whether a
+policy's cadence leaves each chunk enough waypoints to cover the time until the next arrives."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+# [s] observation -> chunk at the controller budgeted for the graph: instruction -> first command
+# measured p50 141-177 ms through `m2vla demo` (docs/results.md), with headroom for a busy machine
+GRAPH_LATENCY_BUDGET_S = 0.3
+
+
+def chunk_hold_s(chunk_span_s: float, period_s: float, latency_s: float = GRAPH_LATENCY_BUDGET_S) -> float:
+    """How long the arm holds at the end of every chunk before the next one arrives (0: never).
+
+    A chunk covers ``chunk_span_s`` from its observation; the next one is observed a policy period
+    later and arrives ``latency_s`` after that. Holding at each chunk's end (the controller's
+    ``chunk_finished``) makes the motion stop-and-go.
+    """
+    return max(0.0, float(period_s) + float(latency_s) - float(chunk_span_s))
 
 
 class PeriodMonitor:
