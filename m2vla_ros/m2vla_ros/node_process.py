@@ -32,6 +32,7 @@ import time
 from typing import Callable
 
 import rclpy
+import rclpy.utilities
 from rclpy.executors import Executor, ExternalShutdownException
 from rclpy.node import Node
 
@@ -71,6 +72,8 @@ def run(name: str, make_node: Callable[[], Node], make_executor: Callable[[], Ex
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        # the DDS participant is deleted here (it announces its end to the peers), not left to exit
+        rclpy.utilities.get_default_context().destroy()
     exit_now(code)
 
 
