@@ -2,16 +2,18 @@
 
 - ``run()``: every node's ``main``. A bad parameter set (ValueError from the node's constructor)
   exits with code 2 and a one-line message; SIGINT/SIGTERM stop the executor, which lets running
-  callbacks finish before the node is destroyed, then rclpy shuts down: exit code 0. The process
-  then ends at once (``os._exit`` after flushing its output), without running C++ static
+  callbacks finish before the node is destroyed, then rclpy shuts down and its context (the DDS
+  participant) is destroyed: exit code 0. The process then ends at once (``os._exit`` after
+  flushing its output), without running C++ static
   destructors: Fast DDS's singletons can crash there (rmw_fastrtps issue 761 reports SIGSEGV at
   exit and this workaround; our sim node exited -11 once in CI after a clean stop, where exactly
   is unknown), and a node has nothing left to save once its DDS participant is gone.
 - ``enable_stack_dumps()``: SIGUSR1 makes the process print every thread's Python stack to
   stderr (its log) and go on running; a fatal signal (SIGSEGV, SIGABRT, ...) prints them before
-  the process dies, so a crash in native code (DDS, PyBullet) says which Python call made it. ``m2vla bringup`` and the tests send it to a node that did
-  not stop within its grace period after SIGINT, before they escalate; ``kill -USR1 <pid>`` does
-  the same for a node that looks stuck while running.
+  the process dies, so a crash in native code (DDS, PyBullet) says which Python call made it.
+  ``m2vla bringup`` and the tests send SIGUSR1 to a node that did not stop within its grace
+  period after SIGINT, before they escalate; ``kill -USR1 <pid>`` does the same for a node that
+  looks stuck while running.
 - ``bound_teardown()``: called once the executor has stopped. If stopping the callbacks,
   destroying the node and the DDS participant has not finished within ``TEARDOWN_LIMIT_S``, the
   stacks are printed and the process exits with code 1 (Python's faulthandler does both from its

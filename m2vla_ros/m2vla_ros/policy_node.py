@@ -30,7 +30,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from visualization_msgs.msg import Marker, MarkerArray
 
-from m2vla_core.control.timing import GRAPH_LATENCY_BUDGET_S, chunk_hold_s
+from m2vla_core.control.timing import GRAPH_LATENCY_BUDGET_S, chunk_hold_s, rate_without_holds_hz
 from m2vla_core.policy_engine import PolicyEngine, PolicyLoadError
 from m2vla_msgs.msg import ActionChunk, FeatureContract, LayerFeatures, PolicyStatus
 from m2vla_msgs.srv import LoadPolicy, Reset, Stop
@@ -156,14 +156,15 @@ class PolicyNode(Node):
         """A head whose chunks are shorter than the policy period (plus the graph's latency) makes
         the arm stop at the end of every chunk: say so, with the rate that would avoid it."""
         span_s = self.engine.config.chunk_len * self.engine.action_dt_s
-        hold_s = chunk_hold_s(span_s, 1.0 / float(self.p["control_rate_hz"]))
+        period_s = 1.0 / float(self.p["control_rate_hz"])
+        hold_s = chunk_hold_s(span_s, period_s)
         if hold_s > 0.0:
-            needed = "no rate can avoid it" if span_s <= GRAPH_LATENCY_BUDGET_S else \
-                f"control_rate_hz above {1.0 / (span_s - GRAPH_LATENCY_BUDGET_S):.3g} Hz would avoid it"
+            rate_hz = rate_without_holds_hz(span_s)
+            needed = "no rate can avoid it" if rate_hz is None else f"control_rate_hz above {rate_hz:.3g} Hz would avoid it"
             self.get_logger().warning(
-                f"each chunk covers {span_s:.2f} s, but the next arrives about {hold_s + span_s:.2f} s after its "
-                f"observation (control_rate_hz {self.p['control_rate_hz']} + {GRAPH_LATENCY_BUDGET_S} s latency): "
-                f"the arm holds {hold_s:.2f} s at the end of every chunk; {needed}")
+                f"each chunk covers {span_s:.2f} s, but the next arrives about {period_s + GRAPH_LATENCY_BUDGET_S:.2f} s "
+                f"after its observation (control_rate_hz {self.p['control_rate_hz']} + {GRAPH_LATENCY_BUDGET_S} s "
+                f"latency): the arm holds {hold_s:.2f} s at the end of every chunk; {needed}")
 
     def _forget_inputs(self) -> None:
         """Features of the old contract and joints in the old head's order are not valid any more."""

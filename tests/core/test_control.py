@@ -18,7 +18,7 @@ from m2vla_core.control import (
     PeriodMonitor, TickGrid, WorkspaceBox, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions,
     get_preset, limit_step, reason_code,
 )
-from m2vla_core.control.timing import GRAPH_LATENCY_BUDGET_S, chunk_hold_s
+from m2vla_core.control.timing import GRAPH_LATENCY_BUDGET_S, chunk_hold_s, rate_without_holds_hz
 
 RATE_HZ = 250.0
 T = 1.0 / RATE_HZ
@@ -340,6 +340,10 @@ def test_the_shipped_cadence_never_runs_a_chunk_out_but_a_slower_one_or_a_shorte
     assert chunk_hold_s(span_s, period_s=1.5) == pytest.approx(1.5 + GRAPH_LATENCY_BUDGET_S - span_s)
     assert chunk_hold_s(8 * 0.1, period_s=1.2) > 0.0  # a head with half the chunk at the same rate
     assert chunk_hold_s(span_s, period_s=1.2, latency_s=0.5) > 0.0  # a slower graph
+    rate_hz = rate_without_holds_hz(span_s)  # the slowest rate that never holds
+    assert chunk_hold_s(span_s, period_s=1.0 / rate_hz) == pytest.approx(0.0, abs=1e-12)
+    assert chunk_hold_s(span_s, period_s=1.0 / (0.99 * rate_hz)) > 0.0
+    assert rate_without_holds_hz(GRAPH_LATENCY_BUDGET_S) is None  # a chunk no longer than the latency
 
 
 # ----------------------------------------------------------------------------- properties

@@ -21,6 +21,12 @@ def chunk_hold_s(chunk_span_s: float, period_s: float, latency_s: float = GRAPH_
     return max(0.0, float(period_s) + float(latency_s) - float(chunk_span_s))
 
 
+def rate_without_holds_hz(chunk_span_s: float, latency_s: float = GRAPH_LATENCY_BUDGET_S) -> float | None:
+    """The policy rate above which ``chunk_hold_s`` is 0; None when no rate is enough (chunk <= latency)."""
+    margin_s = float(chunk_span_s) - float(latency_s)
+    return 1.0 / margin_s if margin_s > 0.0 else None
+
+
 class PeriodMonitor:
     """Collects tick times (monotonic s) over a window; ``summary()`` reports and starts a new window."""
 
