@@ -129,6 +129,22 @@ class SafetyClient:
             rows = [np.r_[stamp, q] if stamped else q for _, stamp, q in self.rec.commands if stamp >= stamp_s]
         return np.array(rows).reshape(-1, len(self.names) + int(stamped))
 
+    def describe_commands(self, stamp_s: float) -> str:
+        """What the client saw of the command stream around ``stamp_s``, for a failure message: a
+        controller that stopped sending and a stream that stopped arriving read differently."""
+        with self.rec.lock:
+            received = [(tc, stamp) for tc, stamp, _ in self.rec.commands]
+        after = [stamp for _, stamp in received if stamp >= stamp_s]
+        newest = max((stamp for _, stamp in received), default=float("nan"))
+        now = time.monotonic()
+        arrived = sum(1 for tc, _ in received if tc >= now - 2.0)
+        diag = self.diagnostics("m2vla_controller", now - 2.0) or {}
+        status = self.latest("controller_status")
+        return (f"{len(received)} commands recorded, {len(after)} stamped after {stamp_s:.3f}, newest stamp "
+                f"{newest - stamp_s:+.3f} s from it, {arrived} arrived in the last 2 s; the controller's last "
+                f"diagnostics within 2 s: commands={diag.get('commands')} command_rate_hz={diag.get('command_rate_hz')}"
+                f"; last status: {status}")
+
     def chunks_since(self, t: float) -> int:
         """Chunks received after monotonic ``t``."""
         with self.rec.lock:

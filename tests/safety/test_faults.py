@@ -34,7 +34,8 @@ def _moving(stack, instruction: str = "pick up the red cube") -> None:
 def _held(client, since_stamp: float) -> np.ndarray:
     """The one position commanded since ``since_stamp`` (ROS clock): the controller must hold."""
     held = client.commands_stamped_after(since_stamp)
-    assert len(held) > 100, f"only {len(held)} commands while holding: the controller must keep streaming"
+    assert len(held) > 100, (f"only {len(held)} commands while holding: the controller must keep streaming "
+                             f"({client.describe_commands(since_stamp)})")
     assert np.ptp(held, axis=0).max() < 1e-9, f"commands changed while holding: ptp {np.ptp(held, axis=0)}"
     return held[-1]
 
