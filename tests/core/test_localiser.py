@@ -114,6 +114,28 @@ def test_config_refuses_a_token_count_that_is_not_a_square_grid():
         _config(num_image_tokens=12)
     with pytest.raises(ValueError, match="object_keys"):
         _config(object_keys=())
+    with pytest.raises(ValueError, match="context"):
+        _config(context=2)  # a kernel needs a centre token
+
+
+def test_with_context_a_tokens_detection_sees_its_neighbours_but_not_far_tokens(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randn(1, SIDE * SIDE, DIM)
+    changed = tokens.clone()
+    changed[0, 0] += 3.0  # the token at row 0, column 0
+    neighbour, far = 1, SIDE * SIDE - 1  # row 0 column 1; the opposite corner
+    for context, sees_neighbour in ((0, False), (3, True)):
+        localiser = ObjectLocaliser(_config(context=context)).eval()
+        with torch.no_grad():
+            before = localiser.where(tokens, with_scores=True)[1][0]  # (T, K)
+            after = localiser.where(changed, with_scores=True)[1][0]
+        assert torch.equal(before[far], after[far])
+        assert (not torch.equal(before[neighbour], after[neighbour])) == sees_neighbour, context
+    save_localiser(localiser, tmp_path)  # the convolution's weights are saved and loaded with the rest
+    loaded = load_localiser(tmp_path)
+    assert loaded.config.context == 3
+    text = torch.randn(1, 2, DIM)
+    torch.testing.assert_close(loaded.named_xy(tokens, text), localiser.named_xy(tokens, text))
 
 
 def test_first_frames_round_trip_through_their_safetensors_cache(tmp_path):

@@ -52,6 +52,10 @@ class LocaliserConfig:
     # held-out layouts radius 1 took the named cube's 90th-percentile error from 6.2 to 2.5 cm.
     # It assumes a detector trained to peak on the object's token (``token_weight`` > 0).
     peak_radius: int = 1
+    # Neighbourhood the detector sees: 0 = each token alone (a 28 px patch at 448 px); k = also a
+    # k x k convolution over the token grid, so a cube's patch and a same-coloured tray's wall or
+    # zone can be told apart by what surrounds them (most wrong readings were such a mix-up).
+    context: int = 0
 
     def __post_init__(self) -> None:
         if not self.object_keys:
@@ -66,6 +70,8 @@ class LocaliserConfig:
             raise ValueError(f"LocaliserConfig.layer must be >= 0, got {self.layer}")
         if self.peak_radius < -1:
             raise ValueError(f"LocaliserConfig.peak_radius must be >= -1, got {self.peak_radius}")
+        if self.context < 0 or (self.context and self.context % 2 == 0):
+            raise ValueError(f"LocaliserConfig.context must be 0 or an odd kernel size, got {self.context}")
 
 
 class SpatialProbe(nn.Module):
@@ -73,17 +79,21 @@ class SpatialProbe(nn.Module):
 
     A detector shared across tokens scores each class per token; a spatial softmax over the
     tokens weights their positions (learned, initialised on the grid) plus a learned per-token
-    offset; an affine map takes that to table coordinates.
+    offset; an affine map takes that to table coordinates. With ``context`` = k > 0 the detector
+    and the offsets also see a k x k convolution of the token grid around each token.
     """
 
-    def __init__(self, dim: int, num_tokens: int, num_classes: int, hidden: int) -> None:
+    def __init__(self, dim: int, num_tokens: int, num_classes: int, hidden: int, context: int = 0) -> None:
         super().__init__()
         side = int(round(num_tokens ** 0.5))
         if side * side != num_tokens:
             raise ValueError(f"SpatialProbe needs a square token grid, got {num_tokens} tokens")
         self.k = num_classes
-        self.detect = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
-        self.offset = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * num_classes))
+        self.context = nn.Sequential(nn.Conv2d(dim, hidden, context, padding=context // 2), nn.GELU()) \
+            if context else None
+        inputs = dim + (hidden if context else 0)
+        self.detect = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        self.offset = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, 2 * num_classes))
         axis = torch.linspace(-1, 1, side)
         self.token_pos = nn.Parameter(torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(num_tokens, 2))
         self.to_table = nn.Linear(2, 2)
@@ -92,7 +102,10 @@ class SpatialProbe(nn.Module):
     def forward(self, tokens: torch.Tensor, *, with_scores: bool = False, peak_radius: int = -1):
         """Positions (B, K, 2); with ``with_scores`` also the detector's scores (B, T, K).
         ``peak_radius`` >= 0 keeps only the tokens that close to each class's best token."""
-        b, t, _ = tokens.shape
+        b, t, d = tokens.shape
+        if self.context is not None:
+            grid = tokens.transpose(1, 2).reshape(b, d, self.side, self.side)  # row-major tokens
+            tokens = torch.cat([tokens, self.context(grid).flatten(2).transpose(1, 2)], dim=-1)
         scores = self.detect(tokens)
         weights = torch.softmax(self._near_peak(scores, peak_radius), dim=1)  # (B, T, K): where each class is
         pos = self.token_pos[None, :, None, :] + 0.1 * self.offset(tokens).view(b, t, self.k, 2)
@@ -117,7 +130,7 @@ class ObjectLocaliser(nn.Module):
         super().__init__()
         self.config = config
         k, d = len(config.object_keys), config.width
-        self.where = SpatialProbe(d, config.num_image_tokens, k, config.hidden)
+        self.where = SpatialProbe(d, config.num_image_tokens, k, config.hidden, config.context)
         self.which = nn.Sequential(nn.Linear(config.num_text_tokens * d, config.hidden), nn.GELU())
         self.cube_logits = nn.Linear(config.hidden, k)
         self.target_logits = nn.Linear(config.hidden, k + 1)  # the last class: the cube itself

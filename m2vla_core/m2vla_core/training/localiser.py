@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-radius", type=int, default=None,
                         help="read each object near its best token, within this many rows / columns (default: 1, "
                              "or -1 = every token with --token-weight 0, whose detector is not trained to peak)")
+    parser.add_argument("--context", type=int, default=0,
+                        help="k x k token neighbourhood the detector also sees (0: each token alone; odd k)")
     parser.add_argument("--frames", type=Path, default=None,
                         help="safetensors cache of the first frames' tokens: read if it exists, else written")
     parser.add_argument("--no-progress", action="store_true")
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         config = LocaliserConfig(backbone_id=backbone.backbone_id, backbone_digest=backbone.weights_digest,
                                  object_keys=object_keys(), image_size=backbone.image_size, layer=args.layer,
                                  num_image_tokens=contract.num_image_tokens, num_text_tokens=args.text_tokens,
-                                 width=backbone.hidden_size,
+                                 width=backbone.hidden_size, context=args.context,
                                  peak_radius=args.peak_radius if args.peak_radius is not None
                                  else (1 if args.token_weight > 0 else -1))
     except ValueError as exc:
