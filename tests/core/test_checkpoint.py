@@ -70,6 +70,21 @@ def test_pickle_weights_are_refused_without_unpickling(ckpt, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("pickle_like_length", [0x380, 0x580])  # starts 80 03 / 80 05: a pickle's protocol marker
+def test_a_safetensors_file_whose_header_length_looks_like_a_pickle_marker_is_read(tmp_path, pickle_like_length):
+    from m2vla_core.heads.checkpoint import check_safetensors_file, sniff_weights_format
+
+    path = tmp_path / "frames.safetensors"
+    for pad in range(2000):  # the header grows with the metadata; the writer pads it to 8 bytes
+        save_file({"x": torch.arange(4.0)}, str(path), metadata={"note": "p" * pad})
+        if int.from_bytes(path.read_bytes()[:8], "little") == pickle_like_length:
+            break
+    assert path.read_bytes()[:2] == pickle_like_length.to_bytes(2, "little")
+    assert sniff_weights_format(path) == "safetensors"
+    check_safetensors_file(path)  # no CheckpointError
+    torch.testing.assert_close(load_file(str(path))["x"], torch.arange(4.0))
+
+
 def test_torch_zip_weights_are_refused(ckpt):
     torch.save({"w": torch.zeros(2)}, ckpt / "model.safetensors")
     with pytest.raises(CheckpointError, match="pickle-format weights are refused"):

@@ -41,16 +41,18 @@ def sniff_weights_format(path: Path) -> str:
     """"safetensors" | "pickle" | "torch-zip" | "numpy" | "unknown" from the first bytes."""
     with open(path, "rb") as f:
         head = f.read(16)
+    # safetensors first: its little-endian header length can start with the bytes of a pickle's
+    # protocol marker (a 896-byte header is 80 03 ...), and calling it safetensors unpickles nothing
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < HEADER_LIMIT and head[8:9] == b"{":
+            return "safetensors"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "pickle"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:6] == b"\x93NUMPY":
         return "numpy"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n < HEADER_LIMIT and head[8:9] == b"{":
-            return "safetensors"
     return "unknown"
 
 
