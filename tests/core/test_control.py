@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from m2vla_core.control import (
-    ESTOPPED, HOLDING, TRACKING, Chunk, ChunkStreamer, ChunkTrajectory, ControllerConfig, JointLimits,
+    ESTOPPED, HOLDING, TRACKING, Chunk, ChunkEnsemble, ChunkStreamer, ChunkTrajectory, ControllerConfig, JointLimits,
     PeriodMonitor, TickGrid, WorkspaceBox, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions,
     get_preset, limit_step, reason_code,
 )
@@ -86,6 +86,9 @@ def test_config_rejects_bad_values_naming_the_field():
         make_config(joint_names=("a", "b", "c"))
     with pytest.raises(ValueError, match="WorkspaceBox"):
         WorkspaceBox((0.0, 0.0, 1.0), (1.0, 1.0, 0.5))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="ensemble_chunks"):
+            make_config(ensemble_chunks=bad)
 
 
 def test_presets_are_strict_with_a_did_you_mean():
@@ -168,6 +171,36 @@ def test_a_new_chunk_blends_in_without_a_position_jump():
     assert seam <= 2 * typical + 1.5 * 0.2 / (0.1 * RATE_HZ)
     jump, _ = _blend_seam(blend_s=0.0)
     assert jump > 0.19  # the same switch without blending jumps by the whole offset
+
+
+def test_an_ensemble_is_the_mean_of_the_chunks_still_covering_the_instant():
+    old = ChunkTrajectory(np.zeros((4, 2)), 0.1, 0.0, "linear")  # covers up to 0.4 s
+    new = ChunkTrajectory(np.ones((4, 2)), 0.1, 0.2, "linear")  # covers up to 0.6 s
+    ensemble = ChunkEnsemble([old, new])
+    np.testing.assert_allclose(ensemble.at(0.3), [0.5, 0.5])
+    np.testing.assert_allclose(ensemble.at(0.5), [1.0, 1.0])  # the old chunk has run out
+    np.testing.assert_allclose(ensemble.at(0.9), [1.0, 1.0])  # none covers: the newest's last waypoint
+    with pytest.raises(ValueError):
+        ChunkEnsemble([])
+
+
+def test_with_ensemble_chunks_the_stream_follows_the_mean_of_the_newest_chunks_after_the_cross_fade():
+    for n, expected in ((1, 0.2), (2, 0.1), (3, 0.1)):  # 3 keeps only the two chunks there are
+        rig = Rig(make_config(LOOSE, ensemble_chunks=n, chunk_timeout_s=2.0))
+        a = Chunk(np.zeros((40, 2)), 0.05, rig.t, 1)
+        assert rig.s.offer_chunk(a, rig.t) is None
+        rig.run(0.2)
+        b = Chunk(np.full((40, 2), 0.2), 0.05, rig.t, 2)
+        assert rig.s.offer_chunk(b, rig.t) is None
+        rig.run(0.2)  # past the 0.1 s cross-fade
+        np.testing.assert_allclose(rig.commands[-1], [expected, expected], atol=1e-9, err_msg=f"N = {n}")
+        assert max_step(rig.commands) < 0.2 / 2  # joining the ensemble cross-fades too: no jump
+    rig.s.stop(rig.t)  # a drop empties the ensemble: the next chunk is followed alone
+    c = Chunk(np.full((40, 2), -0.3), 0.05, rig.t + T, 3)
+    rig.t += T
+    assert rig.s.offer_chunk(c, rig.t) is None
+    rig.run(0.3)
+    np.testing.assert_allclose(rig.commands[-1], [-0.3, -0.3], atol=1e-9)
 
 
 def test_estop_holds_the_last_command_on_the_next_period_and_refuses_chunks():

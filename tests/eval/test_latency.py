@@ -1,4 +1,5 @@
-"""Latency emulation in the evaluation rollout (``RolloutConfig.latency_steps``, ``m2vla eval --latency-steps``).
+"""Latency emulation (``RolloutConfig.latency_steps``, ``m2vla eval --latency-steps``) and
+ensembling (``RolloutConfig.ensemble_chunks``) in the evaluation rollout.
 
 The ROS controller indexes a chunk by the time since its observation, so a chunk that reaches
 it K control steps late runs from its waypoint K, and the arm follows the chunk already there
@@ -133,6 +134,37 @@ def test_latency_that_the_chunk_cannot_cover_is_refused_with_the_bound(env):
         executed(env, agent, max_steps=10, execute_steps=4, latency_steps=6)
     steps, _ = executed(env, agent, max_steps=6, execute_steps=4, latency_steps=4)  # 4 + 4 = 8: the last fits
     assert steps[4:] == [(0, 4), (0, 5)]
+
+
+def test_with_an_ensemble_each_step_is_the_mean_of_the_newest_chunks_covering_it(env):
+    agent = StampedChunks(horizon=6)
+    run_episode(env, agent, TASK, SEED, RolloutConfig(controller=get_preset("panda"), max_steps=9, execute_steps=2,
+                                                      ensemble_chunks=2))
+    for s, sent in enumerate(env.sent):
+        q = s - s % 2  # the newest chunk was asked at q; the one before at q - 2 (covers s if s - (q - 2) < 6)
+        covering = [(q, s - q)] + ([(q - 2, s - q + 2)] if q >= 2 else [])
+        np.testing.assert_allclose(sent, np.mean([agent.waypoint(*c) for c in covering], axis=0), atol=1e-12,
+                                   err_msg=f"step {s}")
+    alone = StampedChunks(horizon=6)
+    steps, _ = executed(env, alone, max_steps=9, execute_steps=2, ensemble_chunks=1)
+    assert steps[2:4] == [(2, 0), (2, 1)]  # one chunk: the newest alone
+
+
+def test_a_refused_chunk_empties_the_ensemble_the_arm_holds_then_follows_the_next_chunk_alone(env):
+    agent = StampedChunks(horizon=8, refuse_at=(2,))
+    run_episode(env, agent, TASK, SEED, RolloutConfig(controller=get_preset("panda"), max_steps=6, execute_steps=2,
+                                                      ensemble_chunks=4))
+    np.testing.assert_array_equal(env.sent[2], env.sent[1])  # refused at 2: hold where the arm was
+    np.testing.assert_array_equal(env.sent[3], env.sent[1])
+    np.testing.assert_array_equal(env.sent[4], agent.waypoint(4, 0))  # not averaged with chunk 0 any more
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True])
+def test_invalid_ensemble_sizes_are_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match="RolloutConfig.ensemble_chunks"):
+        RolloutConfig(ensemble_chunks=bad)
+    with pytest.raises(ValueError, match="EvalConfig.ensemble_chunks"):
+        EvalConfig(ensemble_chunks=bad)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])

@@ -12,14 +12,14 @@ from m2vla_core.control.streamer import (
     ESTOPPED, HOLDING, TRACKING, ChunkStreamer, Command,
 )
 from m2vla_core.control.timing import PeriodMonitor, TickGrid
-from m2vla_core.control.trajectory import ChunkTrajectory, smoothstep
+from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory, smoothstep
 from m2vla_core.control.validation import (
     Chunk, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions, reason_code,
 )
 
 __all__ = [
     "ESTOPPED", "HOLDING", "PANDA_JOINT_NAMES", "PANDA_LIMITS", "PRESETS", "TRACKING", "Chunk", "ChunkStreamer",
-    "ChunkTrajectory", "Command", "ControllerConfig", "JointLimits", "LimitResult", "PeriodMonitor", "TickGrid", "WorkspaceBox",
+    "ChunkEnsemble", "ChunkTrajectory", "Command", "ControllerConfig", "JointLimits", "LimitResult", "PeriodMonitor", "TickGrid", "WorkspaceBox",
     "check_chunk_order", "check_chunk_timing", "check_chunk_values", "check_joint_positions", "distance_outside_box",
     "get_preset", "limit_step", "reason_code", "smoothstep",
 ]

@@ -81,6 +81,9 @@ class ControllerConfig:
     command_rate_hz: float = 250.0
     interpolation: str = "cubic"  # between chunk waypoints: "linear" | "cubic" (C1 Hermite)
     blend_s: float = 0.1  # cross-fade window from the commanded position into a new chunk
+    # follow the mean of the newest N accepted chunks that still cover now (temporal ensembling,
+    # ``ChunkEnsemble``); 1 = the newest chunk alone
+    ensemble_chunks: int = 1
     max_chunk_age_s: float = 1.0  # a chunk whose observation is older than this on arrival is refused
     max_future_stamp_s: float = 0.05  # observation stamps this far ahead of now are refused (clock skew)
     chunk_timeout_s: float = 1.5  # hold when no chunk was accepted for this long (> one 1.2 s policy period)
@@ -111,6 +114,9 @@ class ControllerConfig:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"ControllerConfig.interpolation must be one of {INTERPOLATIONS}, "
                              f"got {self.interpolation!r}")
+        if not isinstance(self.ensemble_chunks, int) or isinstance(self.ensemble_chunks, bool) \
+                or not 1 <= self.ensemble_chunks <= 64:
+            raise ValueError(f"ControllerConfig.ensemble_chunks must be an int in [1, 64], got {self.ensemble_chunks!r}")
         if not isinstance(self.max_horizon, int) or not 1 <= self.max_horizon <= 1_000_000:
             raise ValueError(f"ControllerConfig.max_horizon must be an int in [1, 1e6], got {self.max_horizon!r}")
 

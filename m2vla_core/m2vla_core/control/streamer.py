@@ -12,6 +12,10 @@ still fading in), or the held position when holding. At t_a the target and its v
 the old ones, so neither position nor velocity jumps at the seam; the only extra speed is
 the smoothstep's slope times the disagreement between the chunks.
 
+Ensembling (``ensemble_chunks`` N > 1). What the stream follows is the mean of the newest N
+accepted chunks that still cover now (``ChunkEnsemble``); a new chunk joins it through the same
+cross-fade, so adding a member never jumps the target.
+
 Holding. The held position is the last command, or the measured position when nothing was
 commanded yet (e.g. after start or ``reset``). Holds on: e-stop (latched until released),
 no/stale joint state, no chunk, no chunk accepted for ``chunk_timeout_s``, non-finite output,
@@ -23,7 +27,7 @@ Plain Python and numpy; time is passed in (``now_s``) so tests drive it without 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +35,7 @@ import numpy as np
 
 from m2vla_core.control.config import ControllerConfig
 from m2vla_core.control.limits import distance_outside_box, limit_step
-from m2vla_core.control.trajectory import ChunkTrajectory, smoothstep
+from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory, smoothstep
 from m2vla_core.control.validation import (
     ESTOP, STALE_STAMP, Chunk, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions, reason_code,
 )
@@ -113,6 +117,7 @@ class ChunkStreamer:
         self._velocity = np.zeros(len(config.joint_names))
         self._previous_target: np.ndarray | None = None
         self._trajectory: ChunkTrajectory | None = None  # the newest accepted chunk
+        self._members: deque[ChunkTrajectory] = deque(maxlen=config.ensemble_chunks)  # newest last
         self._source = None  # what the target follows: the chunk, or a _Blend into it
         self._accepted_s = -np.inf
         self._last_sequence_id: int | None = None
@@ -169,8 +174,10 @@ class ChunkStreamer:
             start = self._current_position()
             old = None if start is None else _Hold(start)  # fade out of the held position
         self._trajectory = new
-        self._source = new if old is None or self.config.blend_s <= 0 else _Blend(old, new, now_s,
-                                                                                  self.config.blend_s)
+        self._members.append(new)
+        follow = self._follow()
+        self._source = follow if old is None or self.config.blend_s <= 0 else _Blend(old, follow, now_s,
+                                                                                     self.config.blend_s)
         self._accepted_s = float(now_s)
         self._last_sequence_id = int(chunk.sequence_id)
         self._last_observation_s = float(chunk.observation_s)
@@ -217,8 +224,8 @@ class ChunkStreamer:
         if self._held and self._commanded is not None:
             # resuming after a hold with the chunk still in flight (e.g. joint states came back):
             # cross-fade again from the held position instead of chasing the chunk at full speed
-            self._source = self._trajectory if self.config.blend_s <= 0 else _Blend(
-                _Hold(self._commanded), self._trajectory, now_s, self.config.blend_s)
+            self._source = self._follow() if self.config.blend_s <= 0 else _Blend(
+                _Hold(self._commanded), self._follow(), now_s, self.config.blend_s)
         self._held = False
         target = self._target(now_s)
         if not np.isfinite(target).all():
@@ -251,6 +258,10 @@ class ChunkStreamer:
             self._source = self._source.new  # finished fades collapse into their chunk
         return self._source.at(now_s)  # (A,)
 
+    def _follow(self):
+        """What tracking follows: the newest chunk, or the ensemble of the newest ones."""
+        return self._trajectory if len(self._members) <= 1 else ChunkEnsemble(self._members)
+
     def _current_position(self) -> np.ndarray | None:
         """Where the stream is: the last command sent, else the measured position."""
         if self._commanded is not None:
@@ -270,6 +281,7 @@ class ChunkStreamer:
 
     def _drop(self, now_s: float, reason: str, *, forbid_older: bool = True) -> None:
         self._trajectory = None
+        self._members.clear()
         self._source = None
         self._previous_target = None
         self._idle_reason = reason

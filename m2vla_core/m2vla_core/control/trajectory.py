@@ -62,6 +62,33 @@ class ChunkTrajectory:
                 + (-2 * u3 + 3 * u2) * p1 + (u3 - u2) * m1)
 
 
+class ChunkEnsemble:
+    """Temporal ensembling: the mean of the chunks (oldest first) that still cover ``t``.
+
+    Each chunk is a plan from its own observation; asked every few waypoints, the head can switch
+    between plans mid-motion. Averaging every recent plan's waypoint for the same instant (as in
+    ACT, with equal weights) keeps what they agree on: on the shipped head, re-planned every 4
+    waypoints and averaged over the 4 newest chunks, 84.2 % of 120 held-out episodes against
+    77.5 % following each chunk for 12 (docs/results.md, "Averaging overlapping chunks"). A chunk
+    covers t up to its last waypoint's time; when none does, the newest holds its last waypoint.
+    """
+
+    def __init__(self, members) -> None:
+        if not members:
+            raise ValueError("ChunkEnsemble needs at least one chunk")
+        self.members = tuple(members)
+
+    @property
+    def end_s(self) -> float:
+        return max(m.end_s for m in self.members)
+
+    def at(self, t_s: float) -> np.ndarray:
+        live = [m for m in self.members if t_s <= m.end_s]
+        if not live:
+            return self.members[-1].at(t_s)
+        return np.mean([m.at(t_s) for m in live], axis=0)
+
+
 def smoothstep(x: float) -> float:
     """0 -> 0, 1 -> 1 with zero slope at both ends (cross-fade weight)."""
     x = min(max(x, 0.0), 1.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2vla_core.evaluation.rollout import EXECUTE_STEPS, check_latency_steps
+from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS, check_ensemble_chunks, check_latency_steps
 
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores
@@ -44,6 +44,7 @@ class EvalConfig:
     gif: bool = True  # keep frames of each task's first episode for a GIF
     privileged_error_m: float = 0.0  # [m] error put on a privileged-state head's object positions
     latency_steps: int = 0  # control steps from an observation to its chunk reaching the arm (RolloutConfig)
+    ensemble_chunks: int = ENSEMBLE_CHUNKS  # follow the mean of the newest N chunks (RolloutConfig)
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "torch"):
@@ -59,6 +60,7 @@ class EvalConfig:
         if not (np.isfinite(self.privileged_error_m) and self.privileged_error_m >= 0.0):
             raise ValueError(f"EvalConfig.privileged_error_m must be finite and >= 0, got {self.privileged_error_m}")
         check_latency_steps(self.latency_steps, "EvalConfig")
+        check_ensemble_chunks(self.ensemble_chunks, "EvalConfig")
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     n_loc = len(agent.localiser_ms)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
                             frame_every=2, controller=get_preset("panda"),  # the ROS controller's chunk checks
-                            latency_steps=config.latency_steps)
+                            latency_steps=config.latency_steps, ensemble_chunks=config.ensemble_chunks)
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
@@ -245,6 +247,8 @@ def format_table(report: EvalReport) -> str:
                  f"(head p50 {report.head_us_p50:.0f} us, backbone p50 {report.backbone_ms_p50:.1f} ms)")
     if "execute_steps" in report.config:  # success depends on it (docs/results.md, "Re-planning less often")
         lines.append(f"re-planned every {report.config['execute_steps']} waypoints of each chunk")
+    if report.config.get("ensemble_chunks", 1) > 1:
+        lines.append(f"each step followed the mean of the newest {report.config['ensemble_chunks']} chunks covering it")
     latency_steps = report.config.get("latency_steps", 0)
     if latency_steps:
         lines.append(f"latency: each chunk reached the arm {latency_steps} control steps after its observation "
@@ -317,6 +321,9 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--max-steps", type=int, default=200, help="control steps per episode")
     p.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS,
                    help="chunk waypoints executed before re-planning (default: the ROS graph's cadence)")
+    p.add_argument("--ensemble-chunks", type=int, default=ENSEMBLE_CHUNKS,
+                   help="follow the mean of the newest N chunks that cover each step (temporal ensembling; default: "
+                        "the ROS controller's ensemble_chunks)")
     p.add_argument("--privileged-error-cm", type=float, default=0.0,
                    help="a privileged-state head sees each named object this far from the truth (direction per episode)")
     p.add_argument("--latency-steps", type=int, default=0,
@@ -334,7 +341,8 @@ def eval_main(argv: list[str]) -> int:
                             seed_offset=args.seed_offset, tasks=tuple(parse_task_list(args.tasks)),
                             workers=args.workers, max_steps=args.max_steps, execute_steps=args.execute_steps,
                             gif=not args.no_gif and bool(args.out),
-                            privileged_error_m=args.privileged_error_cm / 100.0, latency_steps=args.latency_steps)
+                            privileged_error_m=args.privileged_error_cm / 100.0, latency_steps=args.latency_steps,
+                            ensemble_chunks=args.ensemble_chunks)
         report = evaluate(config, progress=not args.no_progress)
         write_outputs(report, args.out or None, args.json or None)
     except (ValueError, KeyError, FileNotFoundError) as exc:

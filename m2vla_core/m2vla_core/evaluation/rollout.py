@@ -20,6 +20,11 @@ new chunk runs from its waypoint K on (waypoints 0..K-1 were due while it was on
 Re-planning does not wait for the chunk in flight: several can be on their way when K >=
 ``execute_steps``. The controller's age check (``max_chunk_age_s``) applies to the K steps.
 K = 0 is the synchronous rollout above, step for step.
+
+Ensembling (``RolloutConfig.ensemble_chunks`` = N > 1) does what the controller does with the
+same setting: each step's target is the mean of the newest N chunks that have reached the arm and
+still cover that step (``ChunkEnsemble``; a chunk covers the steps of its waypoints). A refused
+chunk empties the ensemble: the arm holds, as with one chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from m2vla_core.control.config import ControllerConfig
+from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory
 from m2vla_core.control.validation import check_chunk_timing, check_chunk_values, reason_code
 
 
@@ -45,6 +51,7 @@ class Agent(Protocol):
 # (policy.yaml control_rate_hz = 1 / (12 x 0.1 s)). On the shipped head 4 / 8 / 12 succeeded on
 # 60.8 / 69.2 / 72.5 % of the same 120 held-out episodes (docs/results.md, "Re-planning less often").
 EXECUTE_STEPS = 12
+ENSEMBLE_CHUNKS = 1  # chunks averaged per step (controller.yaml ensemble_chunks); 1 = the newest alone
 
 
 def check_latency_steps(value, owner: str) -> None:
@@ -52,6 +59,12 @@ def check_latency_steps(value, owner: str) -> None:
     refuses it before any policy loads)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{owner}.latency_steps must be an int >= 0, got {value!r}")
+
+
+def check_ensemble_chunks(value, owner: str) -> None:
+    """The one check of an ``ensemble_chunks`` field (``RolloutConfig`` and ``EvalConfig``)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+        raise ValueError(f"{owner}.ensemble_chunks must be an int in [1, 64], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class RolloutConfig:
     # control steps from an observation to its chunk reaching the arm (see above); needs chunks of
     # at least latency_steps + execute_steps waypoints
     latency_steps: int = 0
+    ensemble_chunks: int = 1  # follow the mean of the newest N chunks that cover a step (see above)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -73,6 +87,7 @@ class RolloutConfig:
         if self.frame_every < 1:
             raise ValueError(f"RolloutConfig.frame_every must be >= 1, got {self.frame_every}")
         check_latency_steps(self.latency_steps, "RolloutConfig")
+        check_ensemble_chunks(self.ensemble_chunks, "RolloutConfig")
 
 
 @dataclass
@@ -108,6 +123,8 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
     active: tuple[np.ndarray, int] | None = None
     # chunks on their way, oldest first: (waypoints, or None for a refused one = hold, observation step)
     in_flight: deque[tuple[np.ndarray | None, int]] = deque()
+    # with ensembling: the newest chunks that reached the arm, as trajectories over control steps
+    members: deque[ChunkTrajectory] = deque(maxlen=config.ensemble_chunks)
     if config.keep_frames:
         outcome.frames.append(obs.image)
     while outcome.steps < config.max_steps:
@@ -131,9 +148,14 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
                 values, observed_step = in_flight.popleft()
                 if values is None:  # refused: hold where the arm is
                     values, observed_step = last_target[None], outcome.steps  # (1, A)
+                    members.clear()
+                elif config.ensemble_chunks > 1:  # waypoint i is due at step observed_step + i + 1, as on the robot
+                    members.append(ChunkTrajectory(values, 1.0, float(observed_step), "linear"))
                 active = (values, observed_step)
             if active is None:
                 waypoint = last_target  # nothing has reached the arm yet: hold
+            elif members:
+                waypoint = ChunkEnsemble(members).at(outcome.steps + 1.0)
             else:
                 values, observed_step = active
                 # indexed by the time since its observation; past its end it stays at the last waypoint
