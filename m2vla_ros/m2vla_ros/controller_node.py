@@ -66,6 +66,8 @@ PARAMETERS = {
                              "(needs CAP_SYS_NICE or an rtprio limit)", (0, 99)),
     "interpolation": ("cubic", "between waypoints: linear | cubic"),
     "blend_s": (0.1, "[s] cross-fade from the commanded position into a new chunk", (0.0, 5.0)),
+    "ensemble_chunks": (4, "follow the mean of the newest N chunks that still cover now (temporal ensembling); "
+                           "1 = the newest chunk alone", (1, 64)),
     "max_chunk_age_s": (1.0, "[s] refuse chunks whose observation is older on arrival", (0.001, 60.0)),
     "max_future_stamp_s": (0.05, "[s] refuse observation stamps this far in the future", (0.0, 10.0)),
     "chunk_timeout_s": (1.5, "[s] hold when no chunk was accepted for this long", (0.001, 60.0)),
@@ -131,7 +133,7 @@ class ControllerNode(Node):
             limits=JointLimits(tuple(p["position_lower"]), tuple(p["position_upper"]), tuple(p["velocity_limit"]),
                                tuple(p["acceleration_limit"])),
             command_rate_hz=float(p["command_rate_hz"]), interpolation=p["interpolation"],
-            blend_s=float(p["blend_s"]), max_chunk_age_s=float(p["max_chunk_age_s"]),
+            blend_s=float(p["blend_s"]), ensemble_chunks=int(p["ensemble_chunks"]), max_chunk_age_s=float(p["max_chunk_age_s"]),
             max_future_stamp_s=float(p["max_future_stamp_s"]), chunk_timeout_s=float(p["chunk_timeout_s"]),
             max_joint_state_age_s=float(p["max_joint_state_age_s"]),
             position_tolerance=float(p["position_tolerance"]),

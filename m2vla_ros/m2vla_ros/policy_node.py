@@ -46,7 +46,8 @@ PARAMETERS = {
     "checkpoint": ("", "head checkpoint dir; empty = the shipped embedded policy"),
     "backend": ("onnxruntime", "onnxruntime | torch"),
     "device": ("cpu", "cpu | cuda"),
-    "control_rate_hz": (0.833333, "[Hz] chunks per second (the shipped policy: one per 12 waypoints)", (0.1, 200.0)),
+    "control_rate_hz": (2.5, "[Hz] chunks per second (the shipped policy: one per 4 waypoints, ensembled by the "
+                             "controller)", (0.1, 200.0)),
     "max_feature_age_s": (0.5, "[s] do not act on older features", (0.01, 60.0)),
     "max_joint_state_age_s": (0.2, "[s] do not act on an older joint state", (0.001, 10.0)),
     "publish_markers": (True, "predicted end-effector path on /m2vla/predicted_path"),

@@ -369,7 +369,8 @@ def test_period_monitor_reports_rate_and_period_error():
 
 def test_the_shipped_cadence_never_runs_a_chunk_out_but_a_slower_one_or_a_shorter_chunk_does():
     span_s = 16 * 0.1  # the shipped head: 16 waypoints, 0.1 s apart
-    assert chunk_hold_s(span_s, period_s=12 * 0.1) == 0.0  # re-planned every 12 waypoints (policy.yaml)
+    assert chunk_hold_s(span_s, period_s=4 * 0.1) == 0.0  # re-planned every 4 waypoints (policy.yaml)
+    assert chunk_hold_s(span_s, period_s=12 * 0.1) == 0.0  # or every 12, as shipped before
     assert chunk_hold_s(span_s, period_s=1.5) == pytest.approx(1.5 + GRAPH_LATENCY_BUDGET_S - span_s)
     assert chunk_hold_s(8 * 0.1, period_s=1.2) > 0.0  # a head with half the chunk at the same rate
     assert chunk_hold_s(span_s, period_s=1.2, latency_s=0.5) > 0.0  # a slower graph

@@ -190,4 +190,7 @@ def test_eval_report_records_the_latency_and_the_cadence_in_its_config_and_table
     assert "reached the arm 3 control steps after its observation" in format_table(report)
     synchronous = EvalReport(**{**report.__dict__, "config": asdict(EvalConfig())})
     assert "reached the arm" not in format_table(synchronous)
-    assert "re-planned every 12 waypoints" in format_table(synchronous)  # the graph's cadence, the default
+    assert "re-planned every 4 waypoints" in format_table(synchronous)  # the graph's cadence, the default
+    assert "the mean of the newest 4 chunks" in format_table(synchronous)
+    alone = EvalReport(**{**report.__dict__, "config": asdict(EvalConfig(ensemble_chunks=1))})
+    assert "mean of the newest" not in format_table(alone)

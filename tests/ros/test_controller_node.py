@@ -240,8 +240,9 @@ def ramp(joint: int, delta: float, horizon: int, start: np.ndarray | None = None
 def rig(tmp_path_factory):
     logs = tmp_path_factory.mktemp("controller")
     domain = _domain(0)
+    # one chunk at a time (no ensemble): these tests specify how a chunk is followed and blended into
     ctl = _start("m2vla_ros.controller_node", domain, logs / "controller.log",
-                 "workspace_check:=false", "chunk_timeout_s:=1.0", f"command_rate_hz:={RATE_HZ}")
+                 "workspace_check:=false", "chunk_timeout_s:=1.0", f"command_rate_hz:={RATE_HZ}", "ensemble_chunks:=1")
     jtc = _start("m2vla_ros.controller_node", domain, logs / "jtc.log", "output:=joint_trajectory",
                  "trajectory_topic:=/test_jtc/joint_trajectory", "workspace_check:=false",
                  "command_rate_hz:=50.0",

@@ -20,7 +20,7 @@ from m2vla_msgs.srv import Stop
 from m2vla_ros import qos
 
 # policy.yaml max_feature_age_s 0.5 + controller.yaml chunk_timeout_s 1.5 after the last chunk (a
-# 1.2 s policy tick): the arm holds after at most ~2 s (+ DDS); the assertions look after that.
+# 0.4 s policy tick): the arm holds after at most ~2 s (+ DDS); the assertions look after that.
 HOLD_AFTER_S = 3.0
 OBSERVE_S = 1.5
 RESTART_TIMEOUT_S = 120.0  # a fresh perception imports torch + transformers and loads the VLM

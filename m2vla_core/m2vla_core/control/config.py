@@ -86,7 +86,7 @@ class ControllerConfig:
     ensemble_chunks: int = 1
     max_chunk_age_s: float = 1.0  # a chunk whose observation is older than this on arrival is refused
     max_future_stamp_s: float = 0.05  # observation stamps this far ahead of now are refused (clock skew)
-    chunk_timeout_s: float = 1.5  # hold when no chunk was accepted for this long (> one 1.2 s policy period)
+    chunk_timeout_s: float = 1.5  # hold when no chunk was accepted for this long (several 0.4 s policy periods)
     max_joint_state_age_s: float = 0.25  # hold when the newest joint state is older than this
     position_tolerance: float = 0.05  # chunk waypoints beyond limits by more than this are refused
     max_chunk_speed_factor: float = 3.0  # refuse chunks whose waypoint speed exceeds factor * velocity limit
