@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from m2vla_core.evaluation.rollout import EXECUTE_STEPS
+from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS
 
 DEFAULT_VARIANTS = ("last+mlp", "uniform+mlp", "mol+mlp", "last+msm", "mol+msm")
 
@@ -96,7 +96,7 @@ def format_markdown(rows: list[dict], eval_config=None) -> str:
         lines.append("")
         lines.append(f"{eval_config.episodes} episodes per task, seeds {eval_config.seed_offset}.."
                      f"{eval_config.seed_offset + eval_config.episodes - 1}, execute {eval_config.execute_steps} "
-                     f"waypoints per chunk, max {eval_config.max_steps} steps; head latency: onnxruntime, batch 1, "
+                     f"waypoints per chunk, the mean of the newest {eval_config.ensemble_chunks} chunks, max {eval_config.max_steps} steps; head latency: onnxruntime, batch 1, "
                      f"1 thread.")
     return "\n".join(lines) + "\n"
 
@@ -130,6 +130,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=1, help=f"evaluation worker processes (1..{MAX_WORKERS})")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS)
+    p.add_argument("--ensemble-chunks", type=int, default=ENSEMBLE_CHUNKS)
     p.add_argument("--bench-iters", type=int, default=300)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -146,7 +147,8 @@ def cli_main(argv: list[str]) -> int:
         base = resolve_run_config(args.base_config) if args.base_config else None
         eval_config = EvalConfig(episodes=args.episodes, seed_offset=args.seed_offset,
                                  tasks=tuple(parse_task_list(args.tasks)), workers=args.workers,
-                                 max_steps=args.max_steps, execute_steps=args.execute_steps, gif=False)
+                                 max_steps=args.max_steps, execute_steps=args.execute_steps,
+                                 ensemble_chunks=args.ensemble_chunks, gif=False)
         table = run_ablation(args.features, args.out, variants=variants, base=base, steps=args.steps,
                              eval_config=eval_config, progress=not args.no_progress, bench_iters=args.bench_iters,
                              localiser_dir=args.localiser)
