@@ -10,7 +10,7 @@ WORK=${1:-/tmp/m2vla_default_policy}
 M2VLA=.venv/bin/m2vla
 EPISODES=${EPISODES:-160}   # per task, seeds 0..EPISODES-1 (evaluation uses seeds >= 1000)
 STEPS=${STEPS:-12000}
-LAYOUTS=${LAYOUTS:-640}   # first frames per task the localiser is fitted on (seeds 0..LAYOUTS-1)
+LAYOUTS=${LAYOUTS:-1000}  # first frames per task the localiser is fitted on (seeds 0..LAYOUTS-1, below eval's 1000)
 DEST=m2vla_core/m2vla_core/assets/policies/default
 
 # Two recorders at once (one per core); the frames are rendered at 448 px, the localiser's input
@@ -29,7 +29,7 @@ $M2VLA features --data "$WORK/data_$HALF" --out "$WORK/features" --cache "$WORK/
 $M2VLA train --data "$WORK/features" --out "$WORK/ckpt" --config mol+msm --steps "$STEPS" --seed 0 \
   --position-noise-cm 0.8 --gripper-features panda --relative-actions on --action-loss l1 --no-progress
 $M2VLA export "$WORK/ckpt"
-$M2VLA localiser --out "$WORK/ckpt" --episodes-per-task "$LAYOUTS" --restarts 0,1 --no-progress
+$M2VLA localiser --out "$WORK/ckpt" --episodes-per-task "$LAYOUTS" --restarts 0,1 --context 3 --no-progress
 mkdir -p "$DEST"
 cp "$WORK/ckpt"/{config.json,model.safetensors,model.onnx,localiser.json,localiser.safetensors,localiser_fit.json} "$DEST/"
-echo "installed $DEST; evaluate with: $M2VLA eval --episodes 20 --workers 2 --json results/eval_default.json"
+echo "installed $DEST; evaluate with: $M2VLA eval --episodes 20 --seed-offset 1000 --json results/eval_default.json"
