@@ -79,7 +79,9 @@ class RolloutConfig:
     # control steps from an observation to its chunk reaching the arm (see above); needs chunks of
     # at least latency_steps + execute_steps waypoints
     latency_steps: int = 0
-    ensemble_chunks: int = 1  # follow the mean of the newest N chunks that cover a step (see above)
+    # follow the mean of the newest N chunks that cover a step (see above); 1 here, a plain receding
+    # horizon for any agent; `m2vla eval` passes the graph's ENSEMBLE_CHUNKS
+    ensemble_chunks: int = 1
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
