@@ -37,6 +37,7 @@ from m2vla_core.control import (
     ESTOPPED, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
     PeriodMonitor, TickGrid, WorkspaceBox,
 )
+from m2vla_core.control.config import MAX_ENSEMBLE_CHUNKS
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import node_process, qos
@@ -67,7 +68,7 @@ PARAMETERS = {
     "interpolation": ("cubic", "between waypoints: linear | cubic"),
     "blend_s": (0.1, "[s] cross-fade from the commanded position into a new chunk", (0.0, 5.0)),
     "ensemble_chunks": (4, "follow the mean of the newest N chunks that still cover now (temporal ensembling); "
-                           "1 = the newest chunk alone", (1, 64)),
+                           "1 = the newest chunk alone", (1, MAX_ENSEMBLE_CHUNKS)),
     "max_chunk_age_s": (1.0, "[s] refuse chunks whose observation is older on arrival", (0.001, 60.0)),
     "max_future_stamp_s": (0.05, "[s] refuse observation stamps this far in the future", (0.0, 10.0)),
     "chunk_timeout_s": (1.5, "[s] hold when no chunk was accepted for this long", (0.001, 60.0)),

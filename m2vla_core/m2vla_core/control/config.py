@@ -12,6 +12,14 @@ import math
 from dataclasses import dataclass, field, replace
 
 INTERPOLATIONS = ("linear", "cubic")
+MAX_ENSEMBLE_CHUNKS = 64
+
+
+def check_ensemble_chunks(value, owner: str) -> None:
+    """The one check of an ``ensemble_chunks`` field: the controller's and the evaluation
+    rollout's (``RolloutConfig``, ``EvalConfig``), which must accept the same values."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ENSEMBLE_CHUNKS:
+        raise ValueError(f"{owner}.ensemble_chunks must be an int in [1, {MAX_ENSEMBLE_CHUNKS}], got {value!r}")
 
 
 def _finite_tuple(name: str, values, *, positive: bool = False) -> tuple[float, ...]:
@@ -114,9 +122,7 @@ class ControllerConfig:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"ControllerConfig.interpolation must be one of {INTERPOLATIONS}, "
                              f"got {self.interpolation!r}")
-        if not isinstance(self.ensemble_chunks, int) or isinstance(self.ensemble_chunks, bool) \
-                or not 1 <= self.ensemble_chunks <= 64:
-            raise ValueError(f"ControllerConfig.ensemble_chunks must be an int in [1, 64], got {self.ensemble_chunks!r}")
+        check_ensemble_chunks(self.ensemble_chunks, "ControllerConfig")
         if not isinstance(self.max_horizon, int) or not 1 <= self.max_horizon <= 1_000_000:
             raise ValueError(f"ControllerConfig.max_horizon must be an int in [1, 1e6], got {self.max_horizon!r}")
 

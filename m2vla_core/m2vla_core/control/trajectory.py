@@ -78,10 +78,6 @@ class ChunkEnsemble:
             raise ValueError("ChunkEnsemble needs at least one chunk")
         self.members = tuple(members)
 
-    @property
-    def end_s(self) -> float:
-        return max(m.end_s for m in self.members)
-
     def at(self, t_s: float) -> np.ndarray:
         live = [m for m in self.members if t_s <= m.end_s]
         if not live:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS, check_ensemble_chunks, check_latency_steps
+from m2vla_core.control.config import check_ensemble_chunks
+from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS, check_latency_steps
 
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores

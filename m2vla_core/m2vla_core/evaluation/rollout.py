@@ -36,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from m2vla_core.control.config import ControllerConfig
+from m2vla_core.control.config import ControllerConfig, check_ensemble_chunks
 from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory
 from m2vla_core.control.validation import check_chunk_timing, check_chunk_values, reason_code
 
@@ -61,12 +61,6 @@ def check_latency_steps(value, owner: str) -> None:
     refuses it before any policy loads)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{owner}.latency_steps must be an int >= 0, got {value!r}")
-
-
-def check_ensemble_chunks(value, owner: str) -> None:
-    """The one check of an ``ensemble_chunks`` field (``RolloutConfig`` and ``EvalConfig``)."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
-        raise ValueError(f"{owner}.ensemble_chunks must be an int in [1, 64], got {value!r}")
 
 
 @dataclass(frozen=True)
