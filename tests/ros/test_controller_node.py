@@ -38,6 +38,7 @@ SIM_JOINTS = [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", 
 RATE_HZ = 250.0
 VMAX_J1 = 2.175  # [rad/s] panda_joint1 velocity limit (controller.yaml)
 WAIT_S = 20.0
+ENSEMBLE_COMMANDS = "/test_ensemble/joint_command"  # the rig's second controller, which averages 2 chunks
 
 
 def _domain(offset: int) -> int:
@@ -94,6 +95,7 @@ class Peer:
         self.node = Node(f"m2vla_test_peer_{domain}", context=self.ctx)
         self.lock = threading.Lock()
         self.commands: list[tuple[float, np.ndarray]] = []  # (receipt monotonic, (8,) command)
+        self.ensemble_commands: list[np.ndarray] = []  # the ensembling controller's (8,) commands
         self.command_stamps: list[float] = []  # [s] header stamps: the controller's send time
         self.statuses: list[tuple[float, ControllerStatus]] = []
         self.trajectories: list[JointTrajectory] = []
@@ -106,6 +108,7 @@ class Peer:
         self.estop_pub = n.create_publisher(Bool, "/m2vla/estop", qos.ESTOP)
         self.joint_pub = n.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
         n.create_subscription(JointState, "/m2vla/joint_command", self._on_command, qos.COMMANDS)
+        n.create_subscription(JointState, ENSEMBLE_COMMANDS, self._on_ensemble_command, qos.COMMANDS)
         n.create_subscription(ControllerStatus, "/m2vla/controller_status", self._on_status, qos.STATUS)
         n.create_subscription(JointTrajectory, "/test_jtc/joint_trajectory", self._on_trajectory, qos.COMMANDS)
         n.create_subscription(TaskStatus, "/m2vla/task_status", self._on_task, qos.STATUS)
@@ -113,6 +116,7 @@ class Peer:
             n.create_subscription(JointState, "/joint_states", self._on_sim_joints, qos.SENSOR)
         self.reset_client = n.create_client(Reset, "/m2vla_controller/reset")
         self.sim_reset_client = n.create_client(Reset, "/m2vla_sim/reset")
+        self.ensemble_reset_client = n.create_client(Reset, "/m2vla_controller_ensemble/reset")
         n.create_timer(0.01, self._play_arm)
         self.executor = SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(n)
@@ -126,6 +130,10 @@ class Peer:
             self.commands.append((time.monotonic(), q))
             self.command_stamps.append(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
             self.arm = q.copy()
+
+    def _on_ensemble_command(self, msg: JointState) -> None:
+        with self.lock:
+            self.ensemble_commands.append(joint_state_to_array(msg, PANDA_JOINT_NAMES))
 
     def _on_status(self, msg: ControllerStatus) -> None:
         with self.lock:
@@ -248,14 +256,21 @@ def rig(tmp_path_factory):
                  "command_rate_hz:=50.0",
                  remaps=("__node:=m2vla_controller_jtc", "/m2vla/controller_status:=/test_jtc/status",
                          "/diagnostics:=/test_jtc/diagnostics"))
+    # the same chunks, averaged over the newest two that cover now (as the shipped controller.yaml does over 4)
+    ens = _start("m2vla_ros.controller_node", domain, logs / "ensemble.log", "workspace_check:=false",
+                 "chunk_timeout_s:=5.0", "command_rate_hz:=100.0", "ensemble_chunks:=2",
+                 f"command_topic:={ENSEMBLE_COMMANDS}",
+                 remaps=("__node:=m2vla_controller_ensemble", "/m2vla/controller_status:=/test_ensemble/status",
+                         "/diagnostics:=/test_ensemble/diagnostics"))
     peer = Peer(domain)
     try:
         peer.wait_for(lambda: len(peer.commands) > 10, f"first commands (log: {logs / 'controller.log'})", 60.0)
         yield peer, logs
     finally:
         peer.close()
-        codes = [_stop(ctl, logs / "controller.log"), _stop(jtc, logs / "jtc.log")]
-    assert codes == [0, 0], f"controller exited with {codes}:\n{_log_tails(logs / 'controller.log', logs / 'jtc.log')}"
+        codes = [_stop(ctl, logs / "controller.log"), _stop(jtc, logs / "jtc.log"), _stop(ens, logs / "ensemble.log")]
+    assert codes == [0, 0, 0], (f"controller exited with {codes}:\n"
+                                f"{_log_tails(logs / 'controller.log', logs / 'jtc.log', logs / 'ensemble.log')}")
 
 
 def test_a_chunk_leads_to_commands_that_move_toward_its_target(rig):
@@ -366,6 +381,32 @@ def test_a_new_chunk_blends_into_the_one_in_flight_without_a_jump(rig):
     typical = 0.3 / RATE_HZ
     seam_bound = 2 * typical + 1.5 * 0.065 / (0.1 * RATE_HZ)  # motion + steepest slope of the 0.1 s cross-fade
     assert peer.steps_per_period(t0, 0).max() <= seam_bound
+
+
+def test_with_ensemble_chunks_the_node_follows_the_mean_of_the_chunks_that_cover_now(rig):
+    peer, _ = rig
+    peer.reset_controller()
+    assert peer.call(peer.ensemble_reset_client, Reset.Request(task="", seed=-1)).success
+    out = HOME.copy()
+    out[0] += 0.2
+
+    def ensemble_settled_at(offset: float) -> bool:
+        """The ensembling controller's last 10 commands (0.1 s) hold panda_joint1 at HOME + offset."""
+        with peer.lock:
+            recent = np.array([q[0] for q in peer.ensemble_commands[-10:]]) - HOME[0]
+        return len(recent) == 10 and bool(np.all(np.abs(recent - offset) < 2e-3))
+
+    t_a = time.monotonic()
+    peer.publish_chunk(np.tile(out, (40, 1)), sequence_id=1)  # A: panda_joint1 0.2 rad out, for 2 s
+    peer.wait_for(lambda: peer.last_command()[0] > HOME[0] + 0.15, "the newest-chunk controller following A")
+    peer.publish_chunk(np.tile(HOME, (80, 1)), sequence_id=2)  # B: home, for 4 s
+    # while both cover now: the ensemble halfway between them, the newest-chunk controller on B
+    peer.wait_for(lambda: ensemble_settled_at(0.1), "the ensemble at the mean of A and B", 5.0)
+    assert time.monotonic() - t_a < 2.0, "the ensemble reached the mean only after A had ended"
+    peer.wait_for(lambda: abs(peer.last_command()[0] - HOME[0]) < 2e-3, "the newest-chunk controller on B", 5.0)
+    # A's last waypoint passed: B alone, home
+    peer.wait_for(lambda: ensemble_settled_at(0.0), "the ensemble on B alone after A ended", 5.0)
+    assert time.monotonic() - t_a < 4.0, "the ensemble came home only after B had ended"
 
 
 def test_joint_trajectory_output_streams_one_point_ahead_for_ros2_control(rig):
