@@ -1,7 +1,8 @@
 """How a node process runs and stops: in bounded time, and saying where it hung if it did.
 
-- ``run()``: every node's ``main``. A bad parameter set (ValueError from the node's constructor)
-  exits with code 2 and a one-line message; SIGINT/SIGTERM stop the executor, which lets running
+- ``run()``: every node's ``main``. A bad parameter set (ValueError from the node's constructor, or rclpy's
+  refusal of a value outside its declared range or of the wrong type) exits with code 2 and a
+  one-line message; SIGINT/SIGTERM stop the executor, which lets running
   callbacks finish before the node is destroyed, then rclpy shuts down and its context (the DDS
   participant) is destroyed: exit code 0. The process then ends at once (``os._exit`` after
   flushing its output), without running C++ static
@@ -35,6 +36,7 @@ from typing import Callable
 
 import rclpy
 import rclpy.utilities
+from rclpy.exceptions import ParameterException
 from rclpy.executors import Executor, ExternalShutdownException
 from rclpy.node import Node
 
@@ -55,7 +57,7 @@ def run(name: str, make_node: Callable[[], Node], make_executor: Callable[[], Ex
     try:
         try:
             node = make_node()
-        except ValueError as exc:  # a bad parameter set: fail loudly at start, never run with it
+        except (ValueError, ParameterException) as exc:  # a bad parameter set: fail loudly at start, never run with it
             print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
             code = 2
         else:

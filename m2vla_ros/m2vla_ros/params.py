@@ -2,7 +2,10 @@
 
 Table entries: name -> (default, description) or (default, description, (lo, hi)). The type
 comes from the default; ranges become rcl Integer/FloatingPointRange so `ros2 param set`
-refuses out-of-range values instead of the node discovering them later.
+refuses out-of-range values instead of the node discovering them later. Every parameter is
+read-only: the nodes read them once at start (into their configs), so a `ros2 param set` at run
+time is refused with a reason instead of reported as applied and silently ignored; restart the
+node (or its launch) with the new value.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ def declare_parameters(node: Node, table: dict[str, tuple]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, spec in table.items():
         default, description, *bounds = spec
-        descriptor = ParameterDescriptor(description=description)
+        descriptor = ParameterDescriptor(description=description, read_only=True)
         if bounds:
             lo, hi = bounds[0]
             if isinstance(default, bool):

@@ -336,6 +336,19 @@ def test_workspace_box_stops_motion_out_of_it_but_allows_moving_back():
     assert rig.commands[-1][0] < 0.2
 
 
+def test_a_joint_state_outside_the_limits_is_refused_and_never_becomes_a_command():
+    s = ChunkStreamer(make_config())
+    reason = s.update_joint_state([100.0, 0.0], 0.0)  # a driver's sentinel or a unit mix-up
+    assert reason is not None and reason_code(reason) == "out_of_limits" and "a = 100" in reason
+    assert s.step(0.0).position is None  # nothing measured yet: nothing is sent
+    rig = Rig(make_config(), q0=(0.3, -0.2))
+    assert rig.s.update_joint_state([0.3, 100.0], rig.t) is not None
+    rig.s.reset(rig.t)  # a reset holds the measured state: the last good one
+    rig.run(0.1)
+    np.testing.assert_array_equal(rig.commands[-1], [0.3, -0.2])
+    assert rig.s.rejections["joint_state:out_of_limits"] == 1
+
+
 def test_reset_holds_the_measured_state_not_the_stale_command():
     rig = Rig(make_config())
     rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=40, dt=0.05, observation_s=rig.t), rig.t)
@@ -403,7 +416,9 @@ def test_chunk_validator_accepts_exactly_the_valid_chunks_and_never_raises(value
 @given(values=hnp.arrays(np.float64, hnp.array_shapes(min_dims=0, max_dims=2, max_side=5), elements=floats))
 def test_joint_state_validator_never_raises(values):
     reason = check_joint_positions(values, CFG3)
-    assert (reason is None) == (values.shape == (3,) and bool(np.isfinite(values).all()))
+    limit = 1.0 + CFG3.position_tolerance
+    assert (reason is None) == (values.shape == (3,) and bool(np.isfinite(values).all())
+                                and bool((np.abs(values) <= limit).all()))
 
 
 @settings(max_examples=100, deadline=None)

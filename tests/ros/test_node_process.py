@@ -97,6 +97,40 @@ def test_a_bad_parameter_set_exits_2_with_a_one_line_reason(tmp_path, ros_env):
     assert "m2vla_test_slow: invalid configuration: max_speed must be > 0" in log.read_text()
 
 
+@pytest.mark.parametrize("value, why", [("0.5", "out of its range"), ("250", "an int for a float")])
+def test_a_node_given_a_parameter_rclpy_refuses_exits_2_with_a_one_line_reason(tmp_path, ros_env, value, why):
+    log = tmp_path / "controller.log"
+    proc = subprocess.Popen([sys.executable, "-m", "m2vla_ros.controller_node", "--ros-args", "-p",
+                             f"command_rate_hz:={value}"], env=ros_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(timeout=60.0) == 2, f"{why}:\n{log.read_text()}"
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "m2vla_controller: invalid configuration:" in text and "command_rate_hz" in text, text
+    assert "Traceback" not in text, text
+
+
+def test_parameters_are_read_only_so_a_set_at_run_time_is_refused_not_silently_ignored(ros_domain_id):
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    from m2vla_ros.params import declare_parameters
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_domain_id)
+    try:
+        node = Node("m2vla_test_params", context=context)
+        values = declare_parameters(node, {"rate_hz": (10.0, "a rate", (1.0, 100.0))})
+        result = node.set_parameters([Parameter("rate_hz", value=20.0)])[0]
+        assert not result.successful and "read-only" in result.reason
+        assert values["rate_hz"] == node.get_parameter("rate_hz").value == 10.0
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
 def test_a_teardown_that_hangs_is_cut_off_in_bounded_time_and_the_log_says_where(tmp_path, ros_env):
     log = tmp_path / "node.log"
     assert _exit_code_after_sigint("hang_in_teardown", log, ros_env, once="ready") == 1, log.read_text()

@@ -141,7 +141,10 @@ def check_chunk_order(sequence_id: int, observation_s: float, *, last_sequence_i
 
 
 def check_joint_positions(positions, config: ControllerConfig) -> str | None:
-    """A measured joint state must have one finite value per controller joint."""
+    """A measured joint state must have one finite value per controller joint, inside the joint
+    limits (+ ``position_tolerance``, as for chunks). The controller holds at, and starts from, the
+    measured state, so a reading no arm can have (a driver's sentinel, a unit mix-up) would become
+    a command."""
     try:
         arr = np.asarray(positions, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -152,4 +155,10 @@ def check_joint_positions(positions, config: ControllerConfig) -> str | None:
     bad = _count_bad(arr)
     if bad:
         return f"{NON_FINITE}: {bad} NaN/inf joint positions"
+    lim, tol = config.limits, config.position_tolerance
+    outside = np.flatnonzero((arr < np.asarray(lim.lower) - tol) | (arr > np.asarray(lim.upper) + tol))
+    if outside.size:
+        j = int(outside[0])
+        return (f"{OUT_OF_LIMITS}: measured {config.joint_names[j]} = {arr[j]:.4g} is outside "
+                f"[{lim.lower[j]:.4g}, {lim.upper[j]:.4g}] (tolerance {tol})")
     return None
