@@ -259,6 +259,11 @@ class PerceptionNode(Node):
             t0 = time.perf_counter()
             try:
                 xy = self.engine.read_named_objects(frame.rgb, instruction[1])
+            except InstructionError as exc:  # names nothing the localiser knows: refused once, the policy holds
+                self.counters["instructions_rejected"] += 1
+                self.rejections.reject("instruction", exc)
+                self._named = (reading, ())
+                return ()
             except ValueError as exc:
                 self.counters["localiser_errors"] += 1
                 self.rejections.reject("localiser", exc)

@@ -188,3 +188,20 @@ def test_reading_near_the_peak_does_not_average_two_detections_into_their_midpoi
         near_peak = probe(tokens, peak_radius=1)[0, 0]
     assert everywhere.abs().max() < 0.2  # the midpoint of the two corners
     torch.testing.assert_close(near_peak, torch.tensor([-1.0, -1.0]), atol=1e-3, rtol=0)
+
+
+def test_the_shipped_reader_refuses_an_instruction_naming_no_object_it_knows_before_reading_the_frame():
+    from m2vla_core.assets_paths import default_policy_path
+    from m2vla_core.backbone import FrozenBackbone, default_backbone_path
+    from m2vla_core.heads.localiser import NamedObjectReader
+    from m2vla_core.instructions import InstructionError
+
+    backbone = FrozenBackbone.from_pretrained(default_backbone_path())
+    reader = NamedObjectReader(load_localiser(default_policy_path(), backbone=(backbone.backbone_id,
+                                                                                backbone.weights_digest)), backbone)
+    assert reader.colours == {"red", "green", "blue", "yellow"}
+    frame = np.zeros((reader.image_size, reader.image_size, 3), np.uint8)
+    for instruction in ("stop", "pick up the purple cube"):
+        with pytest.raises(InstructionError):
+            reader.read(frame, instruction)
+    assert reader.read(frame, "pick up the red cube").shape == (4,)  # a known one is read (here: from a black frame)

@@ -138,6 +138,18 @@ def test_with_a_localiser_an_instructions_features_wait_for_a_frame_received_aft
         image_pub.publish(frame())  # a frame taken after the instruction
         got = wait_for_features(t_instruction, "after a frame newer than the instruction")
         assert got[1] > first[1] and len(got[2]) == 4 and np.isfinite(got[2]).all()
+        # "stop" names no object the localiser knows: its features go out without positions (the
+        # policy then refuses to act and the arm holds), and the log says why
+        instruction_pub.publish(String(data="stop"))
+        deadline = time.monotonic() + WAIT_S
+        refused: list[tuple] = []
+        while not refused and time.monotonic() < deadline:
+            image_pub.publish(frame())
+            time.sleep(0.2)
+            with lock:
+                refused = [f for f in features if f[1] > got[1]]
+        assert refused and refused[0][2] == (), f"features of 'stop': {refused[:1]}; log: {log.read_text()[-2000:]}"
+        assert "no_known_object" in log.read_text()
     finally:
         executor.shutdown(timeout_sec=2.0)
         node.destroy_node()

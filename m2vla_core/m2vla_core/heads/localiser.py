@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2vla_core.instructions import check_names_known_colours
+
 CONFIG_NAME = "localiser.json"
 WEIGHTS_NAME = "localiser.safetensors"
 
@@ -245,9 +247,16 @@ class NamedObjectReader:
     def image_size(self) -> int:
         return int(self.localiser.config.image_size)
 
+    @property
+    def colours(self) -> frozenset[str]:
+        """The colours its objects are named by (``object_keys`` are colour_kind)."""
+        return frozenset(key.split("_")[0] for key in self.localiser.config.object_keys)
+
     def read(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        """(4,) float32 x, y of the named cube and of its target; ValueError when non-finite (a
-        robot must not act on them)."""
+        """(4,) float32 x, y of the named cube and of its target; ValueError (InstructionError)
+        when the instruction names none of its objects' colours or another colour, and when the
+        positions are non-finite (a robot must not act on them)."""
+        check_names_known_colours(instruction, self.colours)
         bundle = self.backbone.extract(image, instruction, self.contract)
         hidden = bundle.hidden[0].float().cpu()[None]  # (1, T, D)
         n_img = self.contract.num_image_tokens
