@@ -100,6 +100,9 @@ class ControllerNode(Node):
             self.command_pub = self.create_publisher(JointState, self.p["command_topic"], qos.COMMANDS)
         else:
             missing = [n for n in self.p["trajectory_joint_names"] if n not in self.names]
+            twice = sorted({n for n in self.p["trajectory_joint_names"] if self.p["trajectory_joint_names"].count(n) > 1})
+            if twice:
+                raise ValueError(f"trajectory_joint_names name {twice} more than once")
             if missing:
                 raise ValueError(f"trajectory_joint_names {missing} are not in joint_names {self.names}")
             self._trajectory_index = [self.names.index(n) for n in self.p["trajectory_joint_names"]]
@@ -144,10 +147,9 @@ class ControllerNode(Node):
         if self.config.workspace is None:
             return None
         arm = [f"panda_joint{i}" for i in range(1, 8)]
-        if list(self.config.joint_names[:7]) != arm:
-            self.get_logger().warning("workspace_check needs the 7 Panda arm joints first in joint_names; "
-                                      "the workspace box is NOT checked")
-            return None
+        if list(self.config.joint_names[:7]) != arm:  # a safety check asked for is never dropped quietly
+            raise ValueError(f"workspace_check needs the 7 Panda arm joints {arm} first in joint_names, got "
+                             f"{list(self.config.joint_names)}; set workspace_check:=false to run without the box")
         from m2vla_core.kinematics import PandaKinematics
 
         kinematics = PandaKinematics()

@@ -204,7 +204,8 @@ class PerceptionNode(Node):
             same_instruction = last_key is not None and last_key[1:] == key[1:]
             wait_s = float(self.p["refresh_period_s"]) - (time.monotonic() - last_run_s)
             if same_instruction and wait_s > 0:
-                self._stop.wait(wait_s)  # throttle re-runs on new frames; a new instruction goes at once
+                # throttle re-runs on new frames; a new instruction (or a stop) wakes it and goes at once
+                self._wake.wait(wait_s)
                 self._wake.set()
                 continue
             last_key, last_run_s = key, time.monotonic()

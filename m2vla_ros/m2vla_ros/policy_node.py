@@ -25,7 +25,6 @@ from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
-from rclpy.time import Time
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from visualization_msgs.msg import Marker, MarkerArray
@@ -204,6 +203,9 @@ class PolicyNode(Node):
         if self.engine.backbone_digest and msg.backbone_digest and msg.backbone_digest != self.engine.backbone_digest:
             self.rejections.reject("features", "mismatch: computed by another backbone than the head was trained on")
             return
+        if msg.header.stamp.sec < 0:  # no camera takes frames before 1970; rclpy's Time refuses it at every tick
+            self.rejections.reject("features", f"bad_stamp: camera stamp {msg.header.stamp.sec} s is negative")
+            return
         ahead_s = (stamp_to_ns(msg.header.stamp) - self.get_clock().now().nanoseconds) * 1e-9
         if ahead_s > MAX_FUTURE_STAMP_S:
             self.rejections.reject("features", f"future_stamp: camera stamp is {ahead_s:.3f} s in the future "
@@ -316,7 +318,7 @@ class PolicyNode(Node):
 
     def _age_s(self, stamp, received_monotonic: float, now_monotonic: float) -> float:
         """Age of the observation: by its stamp on the ROS clock, never less than since receipt."""
-        stamp_age = (self.get_clock().now() - Time.from_msg(stamp)).nanoseconds * 1e-9
+        stamp_age = (self.get_clock().now().nanoseconds - stamp_to_ns(stamp)) * 1e-9
         return max(stamp_age, now_monotonic - received_monotonic)
 
     def _publish_path(self, chunk: np.ndarray) -> None:

@@ -97,17 +97,25 @@ def test_a_bad_parameter_set_exits_2_with_a_one_line_reason(tmp_path, ros_env):
     assert "m2vla_test_slow: invalid configuration: max_speed must be > 0" in log.read_text()
 
 
-@pytest.mark.parametrize("value, why", [("0.5", "out of its range"), ("250", "an int for a float")])
-def test_a_node_given_a_parameter_rclpy_refuses_exits_2_with_a_one_line_reason(tmp_path, ros_env, value, why):
+@pytest.mark.parametrize("params, reason", [
+    (["command_rate_hz:=0.5"], "command_rate_hz"),  # outside its declared range: rclpy refuses it
+    (["command_rate_hz:=250"], "command_rate_hz"),  # an int for a float: rclpy refuses it
+    (["joint_names:=[a,b,c,d,e,f,g,h]"], "workspace_check needs the 7 Panda arm joints"),  # the box cannot be checked
+    (["output:=joint_trajectory", "trajectory_joint_names:=[panda_joint1,panda_joint1]"], "more than once"),
+])
+def test_a_controller_given_parameters_it_cannot_honour_exits_2_with_a_one_line_reason(tmp_path, ros_env, params,
+                                                                                       reason):
     log = tmp_path / "controller.log"
-    proc = subprocess.Popen([sys.executable, "-m", "m2vla_ros.controller_node", "--ros-args", "-p",
-                             f"command_rate_hz:={value}"], env=ros_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    args = [sys.executable, "-m", "m2vla_ros.controller_node", "--ros-args"]
+    for p in params:
+        args += ["-p", p]
+    proc = subprocess.Popen(args, env=ros_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        assert proc.wait(timeout=60.0) == 2, f"{why}:\n{log.read_text()}"
+        assert proc.wait(timeout=60.0) == 2, log.read_text()
     finally:
         proc.kill()
     text = log.read_text()
-    assert "m2vla_controller: invalid configuration:" in text and "command_rate_hz" in text, text
+    assert "m2vla_controller: invalid configuration:" in text and reason in text, text
     assert "Traceback" not in text, text
 
 

@@ -58,6 +58,9 @@ def test_perception_waiting_for_a_contract_says_how_many_publishers_dds_matched(
         assert _stop(perception, log) in (0, -2), _log_tails(log)
 
 
+REFRESH_S = 10.0
+
+
 def test_with_a_localiser_an_instructions_features_wait_for_a_frame_received_after_it(tmp_path, ros_domain_id):
     """The frame on hand when an instruction arrives may show the scene before a reset: the
     localiser must not read it, so no features of that instruction go out until a newer frame."""
@@ -78,7 +81,9 @@ def test_with_a_localiser_an_instructions_features_wait_for_a_frame_received_aft
     contract.backbone_digest, contract.localiser = backbone.weights_digest, str(localiser_dir)
 
     log = tmp_path / "perception.log"
-    perception = _start("m2vla_ros.perception_node", ros_domain_id, log, "max_image_age_s:=30.0")
+    # re-runs on new frames of the same instruction at most every 10 s: a new instruction must not wait for that
+    perception = _start("m2vla_ros.perception_node", ros_domain_id, log, "max_image_age_s:=30.0",
+                        f"refresh_period_s:={REFRESH_S}")
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=ros_domain_id)
     node = Node("m2vla_test_camera", context=ctx)
@@ -135,9 +140,11 @@ def test_with_a_localiser_an_instructions_features_wait_for_a_frame_received_aft
         with lock:
             newer = [f for f in features if f[1] > first[1]]
         assert not newer, f"features of the new instruction from a frame older than it: {newer[:1]}"
+        t_frame = time.monotonic()
         image_pub.publish(frame())  # a frame taken after the instruction
         got = wait_for_features(t_instruction, "after a frame newer than the instruction")
         assert got[1] > first[1] and len(got[2]) == 4 and np.isfinite(got[2]).all()
+        assert got[0] - t_frame < REFRESH_S / 2, "the new instruction waited for the same-instruction throttle"
         # "stop" names no object the localiser knows: its features go out without positions (the
         # policy then refuses to act and the arm holds), and the log says why
         instruction_pub.publish(String(data="stop"))

@@ -143,6 +143,21 @@ def test_a_new_instruction_is_acted_on_once_its_features_and_a_fresh_joint_state
             assert delay is not None, (
                 f"instruction {instruction_id}: no chunk within {ANSWER_S:.0f} s of the joint state resuming although "
                 f"the timer only ticks every {1 / SLOW_RATE_HZ:.0f} s; {history(resumed)}")
+
+        # features stamped before 1970 (a driver bug) are refused at receipt: never acted on, and the
+        # node keeps acting on the last good ones instead of failing at every tick
+        bad = hidden_to_msg(hidden, mask, contract, stamp=node.get_clock().now().to_msg(), instruction_id=99,
+                            backbone_digest=config.backbone_digest, named_objects_xy=positions)
+        bad.header.stamp.sec = -1
+        sent = time.monotonic()
+        features_pub.publish(bad)
+        time.sleep(1.5)
+        with lock:
+            acted = [t for t, i in chunks if i == 99]
+        assert not acted, f"a chunk from features with a negative stamp; {history(sent)}"
+        publish(6)
+        assert first_chunk_after(6, time.monotonic(), within_s=ANSWER_S) is not None, history(sent)
+        assert "bad_stamp" in (tmp_path / "policy.log").read_text()
     finally:
         stop.set()
         arm.join(timeout=2.0)
