@@ -186,7 +186,7 @@ class ControllerNode(Node):
             self.get_logger().warning(f"chunk #{msg.sequence_id} refused: {short(exc)}", throttle_duration_sec=1.0)
             return
         chunk = Chunk(fields.values, fields.dt_s, self._observation_monotonic(fields.observation_stamp_ns),
-                      fields.sequence_id)
+                      fields.sequence_id, fields.instruction_id)
         with self._lock:
             reason = self.streamer.offer_chunk(chunk, time.monotonic())
         if reason is not None:

@@ -234,6 +234,19 @@ def test_holds_when_chunks_stop_coming():
     np.testing.assert_array_equal(rig.commands[-1], rig.commands[stale[0] - 1])  # held where it was
 
 
+def test_a_chunk_of_a_new_instruction_is_followed_alone_not_averaged_with_the_old_instructions_plans():
+    rig = Rig(make_config(LOOSE, ensemble_chunks=4, chunk_timeout_s=2.0))
+    assert rig.s.offer_chunk(Chunk(np.zeros((40, 2)), 0.05, rig.t, 1, instruction_id=7), rig.t) is None
+    rig.run(0.2)
+    assert rig.s.offer_chunk(Chunk(np.full((40, 2), 0.2), 0.05, rig.t, 2, instruction_id=8), rig.t) is None
+    rig.run(0.2)  # past the cross-fade: on the new plan, not halfway (0.1) to it
+    np.testing.assert_allclose(rig.commands[-1], [0.2, 0.2], atol=1e-9)
+    assert max_step(rig.commands) < 0.2 / 2  # still cross-faded: no jump
+    assert rig.s.offer_chunk(Chunk(np.full((40, 2), 0.4), 0.05, rig.t, 3, instruction_id=8), rig.t) is None
+    rig.run(0.2)  # the same instruction's plans are averaged again
+    np.testing.assert_allclose(rig.commands[-1], [0.3, 0.3], atol=1e-9)
+
+
 def test_holds_when_the_joint_state_goes_stale():
     rig = Rig(make_config(max_joint_state_age_s=0.05))
     assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=60, dt=0.05, observation_s=rig.t),

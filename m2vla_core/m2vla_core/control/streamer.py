@@ -118,6 +118,7 @@ class ChunkStreamer:
         self._previous_target: np.ndarray | None = None
         self._trajectory: ChunkTrajectory | None = None  # the newest accepted chunk
         self._members: deque[ChunkTrajectory] = deque(maxlen=config.ensemble_chunks)  # newest last
+        self._instruction_id: int | None = None  # of the chunks in _members
         self._source = None  # what the target follows: the chunk, or a _Blend into it
         self._accepted_s = -np.inf
         self._last_sequence_id: int | None = None
@@ -173,6 +174,9 @@ class ChunkStreamer:
         else:
             start = self._current_position()
             old = None if start is None else _Hold(start)  # fade out of the held position
+        if int(chunk.instruction_id) != self._instruction_id:
+            self._members.clear()  # the old instruction's plans leave the mean at once (the cross-fade stays)
+            self._instruction_id = int(chunk.instruction_id)
         self._trajectory = new
         self._members.append(new)
         follow = self._follow()

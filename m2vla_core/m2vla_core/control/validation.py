@@ -46,6 +46,7 @@ class Chunk:
     dt_s: float
     observation_s: float  # monotonic time of the observation (camera frame)
     sequence_id: int = 0
+    instruction_id: int = 0  # which instruction it serves: the ensemble never averages two instructions' plans
 
     @property
     def horizon(self) -> int:
