@@ -198,14 +198,14 @@ class Peer:
         with self.lock:
             return self.statuses[-1][1] if self.statuses else None
 
-    def wait_for(self, predicate, what: str, timeout_s: float = WAIT_S):
+    def wait_for(self, predicate, what: str, timeout_s: float = WAIT_S, detail=None):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             value = predicate()
             if value is not None and (isinstance(value, np.ndarray) or value):
                 return value
             time.sleep(0.01)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
     def wait_status(self, check, what: str, timeout_s: float = WAIT_S) -> ControllerStatus:
         def found():
@@ -384,7 +384,7 @@ def test_a_new_chunk_blends_into_the_one_in_flight_without_a_jump(rig):
 
 
 def test_with_ensemble_chunks_the_node_follows_the_mean_of_the_chunks_that_cover_now(rig):
-    peer, _ = rig
+    peer, logs = rig
     peer.reset_controller()
     assert peer.call(peer.ensemble_reset_client, Reset.Request(task="", seed=-1)).success
     out = HOME.copy()
@@ -396,17 +396,24 @@ def test_with_ensemble_chunks_the_node_follows_the_mean_of_the_chunks_that_cover
             recent = np.array([q[0] for q in peer.ensemble_commands[-10:]]) - HOME[0]
         return len(recent) == 10 and bool(np.all(np.abs(recent - offset) < 2e-3))
 
+    def seen() -> str:
+        with peer.lock:
+            recent = [round(float(q[0] - HOME[0]), 4) for q in peer.ensemble_commands[-400:][::20]]
+        return f"panda_joint1 - home, every 20th command: {recent}\n{_log_tails(logs / 'ensemble.log')}"
+
     t_a = time.monotonic()
-    peer.publish_chunk(np.tile(out, (40, 1)), sequence_id=1)  # A: panda_joint1 0.2 rad out, for 2 s
+    peer.publish_chunk(np.tile(out, (60, 1)), sequence_id=1)  # A: panda_joint1 0.2 rad out, for 3 s
     peer.wait_for(lambda: peer.last_command()[0] > HOME[0] + 0.15, "the newest-chunk controller following A")
-    peer.publish_chunk(np.tile(HOME, (80, 1)), sequence_id=2)  # B: home, for 4 s
+    # both following A before B goes out (chunks are keep-last 1: a B published first would replace A unread)
+    peer.wait_for(lambda: ensemble_settled_at(0.2), "the ensemble following A", 5.0, detail=seen)
+    peer.publish_chunk(np.tile(HOME, (100, 1)), sequence_id=2)  # B: home, for 5 s
     # while both cover now: the ensemble halfway between them, the newest-chunk controller on B
-    peer.wait_for(lambda: ensemble_settled_at(0.1), "the ensemble at the mean of A and B", 5.0)
-    assert time.monotonic() - t_a < 2.0, "the ensemble reached the mean only after A had ended"
+    peer.wait_for(lambda: ensemble_settled_at(0.1), "the ensemble at the mean of A and B", 5.0, detail=seen)
+    assert time.monotonic() - t_a < 3.0, "the ensemble reached the mean only after A had ended"
     peer.wait_for(lambda: abs(peer.last_command()[0] - HOME[0]) < 2e-3, "the newest-chunk controller on B", 5.0)
     # A's last waypoint passed: B alone, home
-    peer.wait_for(lambda: ensemble_settled_at(0.0), "the ensemble on B alone after A ended", 5.0)
-    assert time.monotonic() - t_a < 4.0, "the ensemble came home only after B had ended"
+    peer.wait_for(lambda: ensemble_settled_at(0.0), "the ensemble on B alone after A ended", 5.0, detail=seen)
+    assert time.monotonic() - t_a < 5.0, "the ensemble came home only after B had ended"
 
 
 def test_joint_trajectory_output_streams_one_point_ahead_for_ros2_control(rig):
