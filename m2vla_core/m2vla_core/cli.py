@@ -2,7 +2,9 @@
 
 Subcommands are looked up lazily in ``COMMANDS`` (name -> "module:function"), so
 ``m2vla --help`` is instant and a broken optional part never breaks the others. Each target
-takes ``argv: list[str]`` and returns an exit code. ROS subcommands live in ``m2vla_ros``
+takes ``argv: list[str]`` and returns an exit code; an OSError a subcommand lets through (a
+file given where a directory belongs, or the reverse) ends as one line on stderr and exit code
+2, like every other refused input. ROS subcommands live in ``m2vla_ros``
 and run in a child process whose environment ``m2vla_core.rosenv`` prepares, because the
 ROS libraries must be on LD_LIBRARY_PATH before the interpreter starts and this package
 never imports ROS itself.
@@ -56,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     target = COMMANDS[name][0]
     module_name, func_name, *bound = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(*bound, rest) or 0)
+    try:
+        return int(func(*bound, rest) or 0)
+    except OSError as exc:  # a file where a directory belongs (or the reverse), a full disk: input, not a bug
+        print(f"m2vla {name}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

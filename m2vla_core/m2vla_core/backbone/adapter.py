@@ -204,7 +204,13 @@ class FrozenBackbone:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
         source = str(path_or_id)
+        if source.startswith("~"):
+            source = os.path.expanduser(source)
         local = Path(source).is_dir()
+        if not local and _looks_like_path(source):  # never ask the hub about a local path
+            if Path(source).expanduser().exists():
+                raise NotADirectoryError(f"backbone {source}: not a directory (a backbone is a model directory)")
+            raise FileNotFoundError(f"backbone {source}: no such directory")
         if local:
             pickles = sorted(p.name for p in Path(source).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
             if pickles and not any(Path(source).glob("*.safetensors")):
@@ -215,7 +221,11 @@ class FrozenBackbone:
             if (expected := recorded_digest(source)) and expected != digest:
                 raise ValueError(f"{source}: weights digest {digest[:12]}… differs from the recorded {expected[:12]}…; "
                                  "the files changed after they were built")
-        config = AutoConfig.from_pretrained(source)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as exc:  # transformers' message spans lines; keep the first
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise FileNotFoundError(f"backbone {source}: cannot load its config ({detail})") from exc
         model_type = config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
@@ -554,6 +564,16 @@ class FrozenBackbone:
             if i + 1 in want:
                 out[i + 1] = tm.norm(h) if i + 1 == self.num_layers else h
         return out
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether ``source`` names a local path rather than a hub id ("org/name" or "name"): it
+    starts with '/', '.' or '~', holds a backslash, more than one '/' or a trailing '/', exists
+    here, or its first component does (``out/backbone`` next to an ``out`` directory). A missing
+    one such is refused at once instead of sending transformers to the hub (retries, ~30 s offline)."""
+    if source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/"):
+        return True
+    return Path(source).exists() or ("/" in source and Path(source.split("/", 1)[0]).exists())
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:

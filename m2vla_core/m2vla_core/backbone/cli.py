@@ -129,6 +129,10 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
 
     config = config or FeaturesConfig()
     data_dir = Path(data_dir)
+    if not (data_dir / "meta" / "info.json").is_file():
+        raise FileNotFoundError(f"data {data_dir}: not a LeRobot dataset directory (no meta/info.json)")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # refused before the backbone loads
+        raise ValueError(f"out {out_dir} is a file; give a feature dataset directory")
     disk = DiskFeatureCache(cache_dir or default_cache_dir())
     info = load_info(data_dir)
     episode_meta = _read_jsonl(data_dir / "meta" / "episodes.jsonl")
@@ -269,7 +273,7 @@ def features_main(argv: list[str]) -> int:
         summary = build_feature_dataset(args.data, args.out, config, backbone_path=args.backbone or None,
                                         cache_dir=args.cache or None, names=names, progress=not args.no_progress,
                                         append=args.append)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, OSError) as exc:
         print(f"m2vla features: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary['samples']} samples from {summary['episodes']} episodes to {summary['out']} "

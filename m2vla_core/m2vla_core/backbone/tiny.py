@@ -165,13 +165,20 @@ def weights_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0) -> Path:
-    """Build, save and return ``out_dir``: weights, config, tokenizer, processor, manifest."""
+def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, *, overwrite: bool = False) -> Path:
+    """Build, save and return ``out_dir``: weights, config, tokenizer, processor, manifest.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``: its config.json / model.safetensors
+    (a head checkpoint's, say) would be replaced without a word."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; give a directory")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty; choose another directory or pass --overwrite (overwrite=True)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family)
     if family.startswith("qwen"):
@@ -219,12 +226,17 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("dir", type=Path, help="output directory (created)")
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    out = make_tiny_vlm(args.dir, family=args.family, seed=args.seed)
+    try:
+        out = make_tiny_vlm(args.dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:
+        print(f"m2vla make-tiny-vlm: {exc}", file=sys.stderr)
+        return 2
     manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     size_b = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"{args.family} tiny VLM -> {out} ({manifest['num_parameters']} params, {size_b / 1e6:.2f} MB, "

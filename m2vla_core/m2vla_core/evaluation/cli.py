@@ -294,6 +294,21 @@ def save_gif(frames: list[np.ndarray], path: str | os.PathLike, frame_dt_s: floa
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(frame_dt_s * 1e3), loop=0)
 
 
+def check_destination(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
+    """Refuse, before any rollout, an output that could not be written afterwards: a directory
+    given for a file (or a file for a directory), or a path under a regular file. ValueError
+    naming the flag and the path."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        got, want = ("a directory", "a file path") if p.is_dir() else ("a file", "a directory")
+        raise ValueError(f"{flag} {path} is {got}; give {want}")
+    for parent in p.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+
+
 def write_outputs(report: EvalReport, out_dir: str | os.PathLike | None, json_path: str | os.PathLike | None) -> None:
     payload = json.dumps(report.to_json(), indent=2) + "\n"
     if json_path:
@@ -344,9 +359,13 @@ def eval_main(argv: list[str]) -> int:
                             gif=not args.no_gif and bool(args.out),
                             privileged_error_m=args.privileged_error_cm / 100.0, latency_steps=args.latency_steps,
                             ensemble_chunks=args.ensemble_chunks)
+        if args.json:
+            check_destination(args.json, "--json", directory=False)
+        if args.out:
+            check_destination(args.out, "--out", directory=True)
         report = evaluate(config, progress=not args.no_progress)
         write_outputs(report, args.out or None, args.json or None)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"m2vla eval: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

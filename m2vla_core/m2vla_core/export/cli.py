@@ -20,7 +20,7 @@ def export_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         result = export_onnx(args.checkpoint, args.out, exporter=args.exporter, atol=args.atol)
-    except (CheckpointError, ConfigError, RuntimeError, ValueError) as exc:
+    except (CheckpointError, ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"m2vla export: {exc}", file=sys.stderr)
         return 2
     print(f"exported {result.path} ({result.exporter} exporter, onnx.checker ok)")

@@ -112,13 +112,18 @@ def export_onnx(checkpoint: str | os.PathLike | PolicyHead, out: str | os.PathLi
     """Export ``checkpoint`` (dir or loaded head) to ``out`` (default CKPT/model.onnx), atomically."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    head = checkpoint if isinstance(checkpoint, PolicyHead) else load_head(checkpoint)
-    head = head.cpu().eval()
     if out is None:
         if isinstance(checkpoint, PolicyHead):
             raise ValueError("out is required when exporting an in-memory head")
         out = Path(checkpoint) / DEFAULT_ONNX_NAME
     out = Path(out)
+    if out.is_dir():  # refused before the export: os.replace could not put the model there
+        raise ValueError(f"out {out} is a directory; give the .onnx file path (e.g. {out / DEFAULT_ONNX_NAME})")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"out {out}: {blocker} is a file, not a directory")
+    head = checkpoint if isinstance(checkpoint, PolicyHead) else load_head(checkpoint)
+    head = head.cpu().eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)

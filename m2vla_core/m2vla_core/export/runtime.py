@@ -82,11 +82,19 @@ class OnnxHeadRuntime:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, InvalidArgument, Fail)
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {detail}); "
+                                  f"re-run `m2vla export`") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_METADATA_KEY not in meta:
             raise CheckpointError(f"{path}: ONNX model lacks {CONFIG_METADATA_KEY!r} metadata; export it with `m2vla export`")
-        self.config = from_dict(HeadConfig, json.loads(meta[CONFIG_METADATA_KEY]))
+        try:
+            self.config = from_dict(HeadConfig, json.loads(meta[CONFIG_METADATA_KEY]))
+        except ValueError as exc:  # json.JSONDecodeError and ConfigError are ValueErrors
+            raise CheckpointError(f"{path}: damaged {CONFIG_METADATA_KEY!r} metadata ({exc})") from exc
         if backbone is not None:
             check_backbone(self.config, *backbone)
         self.path = path

@@ -73,11 +73,42 @@ def check_safetensors_file(path: Path) -> dict:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: damaged safetensors header ({exc})") from exc
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    ends = [end for _, end in _header_offsets(path, header)]
     expected = 8 + n + max(ends, default=0)
     if size != expected:
         raise CheckpointError(f"{path}: truncated or padded safetensors file ({size} bytes, header describes {expected})")
     return header
+
+
+def _header_offsets(path: Path, header: object) -> list[tuple[int, int]]:
+    """The (begin, end) byte range of every tensor a safetensors header describes; CheckpointError
+    unless it is a dict of {dtype: str, shape: [int], data_offsets: [int, int]} entries (plus an
+    optional ``__metadata__`` dict)."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (a JSON {type(header).__name__}, not an object)")
+    offsets = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{path}: damaged safetensors header (__metadata__ is not an object)")
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{path}: damaged safetensors header (entry {key!r} needs dtype, shape and "
+                                  f"data_offsets, got {entry!r:.80})")
+        span, shape = entry["data_offsets"], entry["shape"]
+        if not (isinstance(span, list) and len(span) == 2 and all(_is_int(x) and x >= 0 for x in span)
+                and span[0] <= span[1]):
+            raise CheckpointError(f"{path}: damaged safetensors header (entry {key!r}: data_offsets {span!r:.80})")
+        if not (isinstance(entry["dtype"], str) and isinstance(shape, list)
+                and all(_is_int(x) and x >= 0 for x in shape)):
+            raise CheckpointError(f"{path}: damaged safetensors header (entry {key!r}: dtype {entry['dtype']!r:.40}, "
+                                  f"shape {shape!r:.80})")
+        offsets.append((span[0], span[1]))
+    return offsets
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def refuse_pickles(directory: Path) -> None:

@@ -147,17 +147,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args) -> None:
+    """Refuse, before any model loads, counts below 1 and a --json that could not be written."""
+    from m2vla_core.evaluation.cli import check_destination
+
+    for flag in ("threads", "episodes"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
+    if getattr(args, "json", ""):
+        check_destination(args.json, "--json", directory=False)
+
+
 def pack_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)  # one thread: on shared cores, more threads made training ~15x slower here
     from m2vla_core.config_io import ConfigError
     from m2vla_core.heads.checkpoint import CheckpointError
     from m2vla_core.training.feature_dataset import DatasetError
 
     try:
+        _check_args(args)
+        import torch
+
+        torch.set_num_threads(args.threads)  # one thread: on shared cores, more threads made training ~15x slower here
         return args.func(args)
-    except (ConfigError, CheckpointError, DatasetError, ValueError, KeyError, FileExistsError) as exc:
+    except (ConfigError, CheckpointError, DatasetError, ValueError, KeyError, OSError) as exc:
         print(f"m2vla pack {args.cmd}: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def router_accuracy(policy_path: str | os.PathLike, tasks=None, *, episodes: int
 
     A task no pack lists counts as 'should refuse': correct when the policy refuses it.
     """
+    if episodes < 1:  # before the pack set and its backbone load
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     from tqdm import tqdm
 
     from m2vla_core.evaluation.agent import VLAAgent

@@ -101,6 +101,10 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     sim = sim or SimConfig()
     if not sim.render:
         raise ValueError("recording needs images: SimConfig.render must be True")
+    out = Path(config.out)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # refused before the simulator starts
+        raise ValueError(f"out {config.out}: {blocker} is a file, not a directory")
     env = TaskEnv(sim)
     t0 = time.perf_counter()
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
@@ -171,7 +175,7 @@ def cli_main(argv: list[str]) -> int:
         sim = SimConfig(image_width=opts.image_size, image_height=opts.image_size, control_dt_s=opts.control_dt,
                         wrist_camera=opts.wrist, renderer=opts.renderer)
         summary = record_dataset(config, sim, progress=not opts.no_progress)
-    except (KeyError, ValueError, FileExistsError) as exc:
+    except (KeyError, ValueError, OSError) as exc:
         print(f"m2vla record: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary.episodes} episodes, {summary.frames} frames to {opts.out} in {summary.seconds:.1f} s "

@@ -334,10 +334,15 @@ def get_task(name: str) -> Task:
 
 
 def parse_task_list(text: str) -> list[str]:
-    """'all' or 'a,b' -> validated task names (each looked up strictly)."""
+    """'all' or 'a,b' -> validated task names (each looked up strictly, each at most once: a
+    repeated task would run the same seeds twice)."""
     if text.strip() == "all":
         return task_names()
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise ValueError("empty task list")
-    return [get_task(n).name for n in names]
+    tasks = [get_task(n).name for n in names]
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise ValueError(f"task list {text!r} names {', '.join(repeated)} more than once")
+    return tasks

@@ -88,7 +88,7 @@ def train_main(argv: list[str]) -> int:
         run = replace(run, arch=arch, train=replace(run.train, **overrides))  # one check of both together
         result = train(args.data, args.out, run, resume=args.resume, progress=not args.no_progress,
                        stop_after=args.stop_after)
-    except (ConfigError, CheckpointError, DatasetError, ValueError) as exc:
+    except (ConfigError, CheckpointError, DatasetError, ValueError, OSError) as exc:
         print(f"m2vla train: {exc}", file=sys.stderr)
         return 2
     last_val = f"{result.val_loss[-1][1]:.5f}" if result.val_loss else "n/a (single-episode dataset)"

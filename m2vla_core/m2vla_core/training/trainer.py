@@ -126,12 +126,31 @@ class RunConfig:
                              f"kinematics (arch.gripper_features, `--gripper-features panda`)")
 
 
-def saved_run_config(out_dir: str | os.PathLike) -> RunConfig:
-    """The RunConfig a checkpoint directory was trained with (for ``--resume`` without ``--config``)."""
+def read_run_record(out_dir: str | os.PathLike, *, history: bool = True) -> dict:
+    """A checkpoint directory's train.json, checked to hold the run config and (``history``) the
+    loss history a resume continues; CheckpointError naming the file and what is missing."""
     path = Path(out_dir) / RUN_NAME
     if not path.is_file():
         raise CheckpointError(f"{out_dir}: nothing to resume ({RUN_NAME} missing)")
-    return from_dict(RunConfig, json.loads(path.read_text(encoding="utf-8"))["run"])
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+        raise CheckpointError(f"{path}: no \"run\" object (the run config); not a train.json of `m2vla train`")
+    saved = record.get("history")
+    if history and not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("train", "val"))):
+        raise CheckpointError(f"{path}: no \"history\" with \"train\" and \"val\" lists; cannot resume this run")
+    return record
+
+
+def saved_run_config(out_dir: str | os.PathLike) -> RunConfig:
+    """The RunConfig a checkpoint directory was trained with (for ``--resume`` without ``--config``)."""
+    record = read_run_record(out_dir, history=False)
+    try:
+        return from_dict(RunConfig, record["run"])
+    except ValueError as exc:  # ConfigError is one
+        raise CheckpointError(f"{Path(out_dir) / RUN_NAME}: {exc}") from exc
 
 
 def run_config_from_preset(name: str = DEFAULT_PRESET) -> RunConfig:
@@ -381,6 +400,10 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     run = run or run_config_from_preset()
     cfg = run.train
     data_dir, out = Path(data_dir), Path(out_dir)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after (--stop-after) must be >= 1, got {stop_after}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out {out} is a file; give a checkpoint directory")
     dataset = FeatureDataset(data_dir)
     if cfg.position_noise_m and not reads_privileged_state(dataset.meta.state_names):
         raise DatasetError(f"{data_dir}: position noise needs the named objects' x, y in the state "
@@ -392,8 +415,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
     if resume:
         if not (out / TRAIN_STATE_NAME).is_file():
             raise CheckpointError(f"{out}: nothing to resume ({TRAIN_STATE_NAME} missing)")
-        saved = json.loads((out / RUN_NAME).read_text(encoding="utf-8"))
-        saved_run = from_dict(RunConfig, saved["run"])
+        saved = read_run_record(out)
+        saved_run = saved_run_config(out)
         if saved_run.arch != run.arch or {**to_dict(saved_run.train), "steps": 0} != {**to_dict(cfg), "steps": 0}:
             raise CheckpointError(f"{out}: --resume with a different config than the run being resumed "
                                   f"(only the step count may change)")
@@ -403,6 +426,9 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, run: RunConfi
         head.train()
         optimizer = _optimizer(head, cfg)
         start = load_train_state(optimizer, out / TRAIN_STATE_NAME)
+        if cfg.steps < start:  # the LR schedule and train.json would describe a run shorter than the one saved
+            raise ValueError(f"TrainConfig.steps (--steps) = {cfg.steps} is below step {start} that {out} "
+                             f"was saved at; give --steps >= {start}")
         history = saved["history"]
     else:
         if (out / TRAIN_STATE_NAME).exists() or (out / "model.safetensors").exists():
