@@ -37,7 +37,7 @@ from m2vla_core.control import (
     ESTOPPED, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
     PeriodMonitor, TickGrid, WorkspaceBox,
 )
-from m2vla_core.control.config import MAX_ENSEMBLE_CHUNKS
+from m2vla_core.control.config import MAX_ENSEMBLE_CHUNKS, MAX_ENSEMBLE_DECAY
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
 from m2vla_msgs.srv import Reset, Stop
 from m2vla_ros import node_process, qos
@@ -69,6 +69,8 @@ PARAMETERS = {
     "blend_s": (0.1, "[s] cross-fade from the commanded position into a new chunk", (0.0, 5.0)),
     "ensemble_chunks": (4, "follow the mean of the newest N chunks that still cover now (temporal ensembling); "
                            "1 = the newest chunk alone", (1, MAX_ENSEMBLE_CHUNKS)),
+    "ensemble_decay": (0.7, "weigh those chunks exp(-decay * i), i = 0 for the oldest covering now; 0 = equal "
+                            "weights", (0.0, MAX_ENSEMBLE_DECAY)),
     "max_chunk_age_s": (1.0, "[s] refuse chunks whose observation is older on arrival", (0.001, 60.0)),
     "max_future_stamp_s": (0.05, "[s] refuse observation stamps this far in the future", (0.0, 10.0)),
     "chunk_timeout_s": (1.5, "[s] hold when no chunk was accepted for this long", (0.001, 60.0)),
@@ -137,7 +139,8 @@ class ControllerNode(Node):
             limits=JointLimits(tuple(p["position_lower"]), tuple(p["position_upper"]), tuple(p["velocity_limit"]),
                                tuple(p["acceleration_limit"])),
             command_rate_hz=float(p["command_rate_hz"]), interpolation=p["interpolation"],
-            blend_s=float(p["blend_s"]), ensemble_chunks=int(p["ensemble_chunks"]), max_chunk_age_s=float(p["max_chunk_age_s"]),
+            blend_s=float(p["blend_s"]), ensemble_chunks=int(p["ensemble_chunks"]),
+            ensemble_decay=float(p["ensemble_decay"]), max_chunk_age_s=float(p["max_chunk_age_s"]),
             max_future_stamp_s=float(p["max_future_stamp_s"]), chunk_timeout_s=float(p["chunk_timeout_s"]),
             max_joint_state_age_s=float(p["max_joint_state_age_s"]),
             position_tolerance=float(p["position_tolerance"]),

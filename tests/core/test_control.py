@@ -89,6 +89,9 @@ def test_config_rejects_bad_values_naming_the_field():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="ensemble_chunks"):
             make_config(ensemble_chunks=bad)
+    for bad in (-0.1, float("nan"), 11.0, True):
+        with pytest.raises(ValueError, match="ensemble_decay"):
+            make_config(ensemble_decay=bad)
 
 
 def test_presets_are_strict_with_a_did_you_mean():
@@ -184,6 +187,15 @@ def test_an_ensemble_is_the_mean_of_the_chunks_still_covering_the_instant():
         ChunkEnsemble([])
 
 
+def test_with_a_decay_the_older_chunks_weigh_more_as_in_act():
+    old = ChunkTrajectory(np.zeros((4, 2)), 0.1, 0.0, "linear")
+    new = ChunkTrajectory(np.ones((4, 2)), 0.1, 0.2, "linear")
+    w = np.exp(-0.7)  # the newer one's weight; the oldest covering the instant has 1
+    np.testing.assert_allclose(ChunkEnsemble([old, new], decay=0.7).at(0.3), [w / (1 + w)] * 2)
+    np.testing.assert_allclose(ChunkEnsemble([old, new], decay=0.7).at(0.5), [1.0, 1.0])  # the newer alone covers
+    np.testing.assert_allclose(ChunkEnsemble([old, new], decay=0.0).at(0.3), [0.5, 0.5])  # 0: equal weights
+
+
 def test_with_ensemble_chunks_the_stream_follows_the_mean_of_the_newest_chunks_after_the_cross_fade():
     for n, expected in ((1, 0.2), (2, 0.1), (3, 0.1)):  # 3 keeps only the two chunks there are
         rig = Rig(make_config(LOOSE, ensemble_chunks=n, chunk_timeout_s=2.0))
@@ -195,6 +207,13 @@ def test_with_ensemble_chunks_the_stream_follows_the_mean_of_the_newest_chunks_a
         rig.run(0.2)  # past the 0.1 s cross-fade
         np.testing.assert_allclose(rig.commands[-1], [expected, expected], atol=1e-9, err_msg=f"N = {n}")
         assert max_step(rig.commands) < 0.2 / 2  # joining the ensemble cross-fades too: no jump
+    rig = Rig(make_config(LOOSE, ensemble_chunks=2, ensemble_decay=0.7, chunk_timeout_s=2.0))
+    assert rig.s.offer_chunk(Chunk(np.zeros((40, 2)), 0.05, rig.t, 1), rig.t) is None
+    rig.run(0.2)
+    assert rig.s.offer_chunk(Chunk(np.full((40, 2), 0.2), 0.05, rig.t, 2), rig.t) is None
+    rig.run(0.2)  # weighted toward the older plan
+    w = np.exp(-0.7)
+    np.testing.assert_allclose(rig.commands[-1], [0.2 * w / (1 + w)] * 2, atol=1e-9)
     rig.s.stop(rig.t)  # a drop empties the ensemble: the next chunk is followed alone
     c = Chunk(np.full((40, 2), -0.3), 0.05, rig.t + T, 3)
     rig.t += T

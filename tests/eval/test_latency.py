@@ -145,6 +145,12 @@ def test_with_an_ensemble_each_step_is_the_mean_of_the_newest_chunks_covering_it
         covering = [(q, s - q)] + ([(q - 2, s - q + 2)] if q >= 2 else [])
         np.testing.assert_allclose(sent, np.mean([agent.waypoint(*c) for c in covering], axis=0), atol=1e-12,
                                    err_msg=f"step {s}")
+    weighted = StampedChunks(horizon=6)
+    run_episode(env, weighted, TASK, SEED, RolloutConfig(controller=get_preset("panda"), max_steps=9, execute_steps=2,
+                                                         ensemble_chunks=2, ensemble_decay=0.7))
+    w = np.exp(-0.7)  # the newer chunk's weight against the older one's 1
+    np.testing.assert_allclose(env.sent[3], (weighted.waypoint(0, 3) + w * weighted.waypoint(2, 1)) / (1 + w),
+                               atol=1e-12)
     alone = StampedChunks(horizon=6)
     steps, _ = executed(env, alone, max_steps=9, execute_steps=2, ensemble_chunks=1)
     assert steps[2:4] == [(2, 0), (2, 1)]  # one chunk: the newest alone
@@ -165,6 +171,14 @@ def test_invalid_ensemble_sizes_are_refused_naming_the_field(bad):
         RolloutConfig(ensemble_chunks=bad)
     with pytest.raises(ValueError, match="EvalConfig.ensemble_chunks"):
         EvalConfig(ensemble_chunks=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), 10.5, True])
+def test_invalid_ensemble_decays_are_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match="RolloutConfig.ensemble_decay"):
+        RolloutConfig(ensemble_decay=bad)
+    with pytest.raises(ValueError, match="EvalConfig.ensemble_decay"):
+        EvalConfig(ensemble_decay=bad)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
@@ -191,6 +205,6 @@ def test_eval_report_records_the_latency_and_the_cadence_in_its_config_and_table
     synchronous = EvalReport(**{**report.__dict__, "config": asdict(EvalConfig())})
     assert "reached the arm" not in format_table(synchronous)
     assert "re-planned every 4 waypoints" in format_table(synchronous)  # the graph's cadence, the default
-    assert "the mean of the newest 4 chunks" in format_table(synchronous)
+    assert "the mean of the newest 4 chunks covering it, weighted exp(-0.7 i)" in format_table(synchronous)
     alone = EvalReport(**{**report.__dict__, "config": asdict(EvalConfig(ensemble_chunks=1))})
     assert "mean of the newest" not in format_table(alone)

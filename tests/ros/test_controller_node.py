@@ -256,7 +256,8 @@ def rig(tmp_path_factory):
                  "command_rate_hz:=50.0",
                  remaps=("__node:=m2vla_controller_jtc", "/m2vla/controller_status:=/test_jtc/status",
                          "/diagnostics:=/test_jtc/diagnostics"))
-    # the same chunks, averaged over the newest two that cover now (as the shipped controller.yaml does over 4)
+    # the same chunks, averaged over the newest two that cover now (the shipped controller.yaml: 4), the older
+    # weighing 1 and the newer exp(-0.7) (the node's default ensemble_decay)
     ens = _start("m2vla_ros.controller_node", domain, logs / "ensemble.log", "workspace_check:=false",
                  "chunk_timeout_s:=5.0", "command_rate_hz:=100.0", "ensemble_chunks:=2",
                  f"command_topic:={ENSEMBLE_COMMANDS}",
@@ -407,8 +408,9 @@ def test_with_ensemble_chunks_the_node_follows_the_mean_of_the_chunks_that_cover
     # both following A before B goes out (chunks are keep-last 1: a B published first would replace A unread)
     peer.wait_for(lambda: ensemble_settled_at(0.2), "the ensemble following A", 5.0, detail=seen)
     peer.publish_chunk(np.tile(HOME, (100, 1)), sequence_id=2)  # B: home, for 5 s
-    # while both cover now: the ensemble halfway between them, the newest-chunk controller on B
-    peer.wait_for(lambda: ensemble_settled_at(0.1), "the ensemble at the mean of A and B", 5.0, detail=seen)
+    # while both cover now: the ensemble at their weighted mean, the newest-chunk controller on B
+    mean = 0.2 / (1.0 + np.exp(-0.7))  # A (0.2, the older: weight 1) and B (0.0, weight exp(-0.7))
+    peer.wait_for(lambda: ensemble_settled_at(mean), "the ensemble at the mean of A and B", 5.0, detail=seen)
     assert time.monotonic() - t_a < 3.0, "the ensemble reached the mean only after A had ended"
     peer.wait_for(lambda: abs(peer.last_command()[0] - HOME[0]) < 2e-3, "the newest-chunk controller on B", 5.0)
     # A's last waypoint passed: B alone, home

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 INTERPOLATIONS = ("linear", "cubic")
 MAX_ENSEMBLE_CHUNKS = 64
+MAX_ENSEMBLE_DECAY = 10.0
 
 
 def check_ensemble_chunks(value, owner: str) -> None:
@@ -20,6 +21,14 @@ def check_ensemble_chunks(value, owner: str) -> None:
     rollout's (``RolloutConfig``, ``EvalConfig``), which must accept the same values."""
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ENSEMBLE_CHUNKS:
         raise ValueError(f"{owner}.ensemble_chunks must be an int in [1, {MAX_ENSEMBLE_CHUNKS}], got {value!r}")
+
+
+def check_ensemble_decay(value, owner: str) -> None:
+    """The one check of an ``ensemble_decay`` field (controller, rollout, eval): a finite number
+    in [0, MAX_ENSEMBLE_DECAY]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 0.0 <= value <= MAX_ENSEMBLE_DECAY:
+        raise ValueError(f"{owner}.ensemble_decay must be a number in [0, {MAX_ENSEMBLE_DECAY}], got {value!r}")
 
 
 def _finite_tuple(name: str, values, *, positive: bool = False) -> tuple[float, ...]:
@@ -92,6 +101,8 @@ class ControllerConfig:
     # follow the mean of the newest N accepted chunks that still cover now (temporal ensembling,
     # ``ChunkEnsemble``); 1 = the newest chunk alone
     ensemble_chunks: int = 1
+    # the ensemble's weights: exp(-decay * i), i = 0 for the oldest chunk covering now (0 = equal weights)
+    ensemble_decay: float = 0.0
     max_chunk_age_s: float = 1.0  # a chunk whose observation is older than this on arrival is refused
     max_future_stamp_s: float = 0.05  # observation stamps this far ahead of now are refused (clock skew)
     chunk_timeout_s: float = 1.5  # hold when no chunk was accepted for this long (several 0.4 s policy periods)
@@ -123,6 +134,7 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.interpolation must be one of {INTERPOLATIONS}, "
                              f"got {self.interpolation!r}")
         check_ensemble_chunks(self.ensemble_chunks, "ControllerConfig")
+        check_ensemble_decay(self.ensemble_decay, "ControllerConfig")
         if not isinstance(self.max_horizon, int) or not 1 <= self.max_horizon <= 1_000_000:
             raise ValueError(f"ControllerConfig.max_horizon must be an int in [1, 1e6], got {self.max_horizon!r}")
 

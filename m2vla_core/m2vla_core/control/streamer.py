@@ -264,7 +264,8 @@ class ChunkStreamer:
 
     def _follow(self):
         """What tracking follows: the newest chunk, or the ensemble of the newest ones."""
-        return self._trajectory if len(self._members) <= 1 else ChunkEnsemble(self._members)
+        return self._trajectory if len(self._members) <= 1 else ChunkEnsemble(self._members,
+                                                                              self.config.ensemble_decay)
 
     def _current_position(self) -> np.ndarray | None:
         """Where the stream is: the last command sent, else the measured position."""

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS
+from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, ENSEMBLE_DECAY, EXECUTE_STEPS
 
 DEFAULT_VARIANTS = ("last+mlp", "uniform+mlp", "mol+mlp", "last+msm", "mol+msm")
 
@@ -131,6 +131,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS)
     p.add_argument("--ensemble-chunks", type=int, default=ENSEMBLE_CHUNKS)
+    p.add_argument("--ensemble-decay", type=float, default=ENSEMBLE_DECAY)
     p.add_argument("--bench-iters", type=int, default=300)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -148,7 +149,7 @@ def cli_main(argv: list[str]) -> int:
         eval_config = EvalConfig(episodes=args.episodes, seed_offset=args.seed_offset,
                                  tasks=tuple(parse_task_list(args.tasks)), workers=args.workers,
                                  max_steps=args.max_steps, execute_steps=args.execute_steps,
-                                 ensemble_chunks=args.ensemble_chunks, gif=False)
+                                 ensemble_chunks=args.ensemble_chunks, ensemble_decay=args.ensemble_decay, gif=False)
         table = run_ablation(args.features, args.out, variants=variants, base=base, steps=args.steps,
                              eval_config=eval_config, progress=not args.no_progress, bench_iters=args.bench_iters,
                              localiser_dir=args.localiser)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2vla_core.control.config import check_ensemble_chunks
-from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, EXECUTE_STEPS, check_latency_steps
+from m2vla_core.control.config import check_ensemble_chunks, check_ensemble_decay
+from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, ENSEMBLE_DECAY, EXECUTE_STEPS, check_latency_steps
 
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores
@@ -46,6 +46,7 @@ class EvalConfig:
     privileged_error_m: float = 0.0  # [m] error put on a privileged-state head's object positions
     latency_steps: int = 0  # control steps from an observation to its chunk reaching the arm (RolloutConfig)
     ensemble_chunks: int = ENSEMBLE_CHUNKS  # follow the mean of the newest N chunks (RolloutConfig)
+    ensemble_decay: float = ENSEMBLE_DECAY  # weighted exp(-decay * i), i = 0 the oldest (RolloutConfig)
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "torch"):
@@ -62,6 +63,7 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.privileged_error_m must be finite and >= 0, got {self.privileged_error_m}")
         check_latency_steps(self.latency_steps, "EvalConfig")
         check_ensemble_chunks(self.ensemble_chunks, "EvalConfig")
+        check_ensemble_decay(self.ensemble_decay, "EvalConfig")
 
 
 @dataclass
@@ -126,7 +128,8 @@ def _run_job(job: tuple[str, int, bool]) -> dict:
     n_loc = len(agent.localiser_ms)
     rollout = RolloutConfig(max_steps=config.max_steps, execute_steps=config.execute_steps, keep_frames=keep_frames,
                             frame_every=2, controller=get_preset("panda"),  # the ROS controller's chunk checks
-                            latency_steps=config.latency_steps, ensemble_chunks=config.ensemble_chunks)
+                            latency_steps=config.latency_steps, ensemble_chunks=config.ensemble_chunks,
+                            ensemble_decay=config.ensemble_decay)
     outcome = run_episode(env, agent, task, seed, rollout)
     frames = [_small(f) for f in outcome.frames] if keep_frames else []
     return {"task": task, "seed": seed, "success": bool(outcome.success), "steps": outcome.steps,
@@ -249,7 +252,9 @@ def format_table(report: EvalReport) -> str:
     if "execute_steps" in report.config:  # success depends on it (docs/results.md, "Re-planning less often")
         lines.append(f"re-planned every {report.config['execute_steps']} waypoints of each chunk")
     if report.config.get("ensemble_chunks", 1) > 1:
-        lines.append(f"each step followed the mean of the newest {report.config['ensemble_chunks']} chunks covering it")
+        decay = report.config.get("ensemble_decay", 0.0)
+        lines.append(f"each step followed the mean of the newest {report.config['ensemble_chunks']} chunks covering it"
+                     + (f", weighted exp(-{decay:g} i) from the oldest" if decay else ""))
     latency_steps = report.config.get("latency_steps", 0)
     if latency_steps:
         lines.append(f"latency: each chunk reached the arm {latency_steps} control steps after its observation "
@@ -340,6 +345,9 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--ensemble-chunks", type=int, default=ENSEMBLE_CHUNKS,
                    help="follow the mean of the newest N chunks that cover each step (temporal ensembling; default: "
                         "the ROS controller's ensemble_chunks)")
+    p.add_argument("--ensemble-decay", type=float, default=ENSEMBLE_DECAY,
+                   help="weigh those chunks exp(-decay * i), i = 0 for the oldest (0 = equal weights; default: the "
+                        "ROS controller's ensemble_decay)")
     p.add_argument("--privileged-error-cm", type=float, default=0.0,
                    help="a privileged-state head sees each named object this far from the truth (direction per episode)")
     p.add_argument("--latency-steps", type=int, default=0,
@@ -358,7 +366,7 @@ def eval_main(argv: list[str]) -> int:
                             workers=args.workers, max_steps=args.max_steps, execute_steps=args.execute_steps,
                             gif=not args.no_gif and bool(args.out),
                             privileged_error_m=args.privileged_error_cm / 100.0, latency_steps=args.latency_steps,
-                            ensemble_chunks=args.ensemble_chunks)
+                            ensemble_chunks=args.ensemble_chunks, ensemble_decay=args.ensemble_decay)
         if args.json:
             check_destination(args.json, "--json", directory=False)
         if args.out:

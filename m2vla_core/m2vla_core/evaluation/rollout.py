@@ -22,9 +22,10 @@ Re-planning does not wait for the chunk in flight: several can be on their way w
 K = 0 is the synchronous rollout above, step for step.
 
 Ensembling (``RolloutConfig.ensemble_chunks`` = N > 1) does what the controller does with the
-same setting: each step's target is the mean of the newest N chunks that have reached the arm and
-still cover that step (``ChunkEnsemble``; a chunk covers the steps of its waypoints). A refused
-chunk empties the ensemble: the arm holds, as with one chunk.
+same settings: each step's target is the mean of the newest N chunks that have reached the arm and
+still cover that step, weighted by ``ensemble_decay`` as the controller weighs them
+(``ChunkEnsemble``; a chunk covers the steps of its waypoints). A refused chunk empties the
+ensemble: the arm holds, as with one chunk.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from m2vla_core.control.config import ControllerConfig, check_ensemble_chunks
+from m2vla_core.control.config import ControllerConfig, check_ensemble_chunks, check_ensemble_decay
 from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory
 from m2vla_core.control.validation import check_chunk_timing, check_chunk_values, reason_code
 
@@ -54,6 +55,9 @@ class Agent(Protocol):
 # newest chunk every 12 on 240 (docs/results.md, "Averaging overlapping chunks").
 EXECUTE_STEPS = 4
 ENSEMBLE_CHUNKS = 4  # chunks averaged per step; 1 = the newest alone
+# their weights exp(-0.7 i), i = 0 for the oldest (controller.yaml ensemble_decay): 1, 0.50, 0.25,
+# 0.12 for four chunks; against equal weights, docs/results.md "Weighing the older plans more"
+ENSEMBLE_DECAY = 0.7
 
 
 def check_latency_steps(value, owner: str) -> None:
@@ -76,6 +80,7 @@ class RolloutConfig:
     # follow the mean of the newest N chunks that cover a step (see above); 1 here, a plain receding
     # horizon for any agent; `m2vla eval` passes the graph's ENSEMBLE_CHUNKS
     ensemble_chunks: int = 1
+    ensemble_decay: float = 0.0  # their weights (ControllerConfig.ensemble_decay); eval passes ENSEMBLE_DECAY
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -86,6 +91,7 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.frame_every must be >= 1, got {self.frame_every}")
         check_latency_steps(self.latency_steps, "RolloutConfig")
         check_ensemble_chunks(self.ensemble_chunks, "RolloutConfig")
+        check_ensemble_decay(self.ensemble_decay, "RolloutConfig")
 
 
 @dataclass
@@ -153,7 +159,7 @@ def run_episode(env, agent: Agent, task: str, seed: int, config: RolloutConfig) 
             if active is None:
                 waypoint = last_target  # nothing has reached the arm yet: hold
             elif members:
-                waypoint = ChunkEnsemble(members).at(outcome.steps + 1.0)
+                waypoint = ChunkEnsemble(members, config.ensemble_decay).at(outcome.steps + 1.0)
             else:
                 values, observed_step = active
                 # indexed by the time since its observation; past its end it stays at the last waypoint
