@@ -25,6 +25,7 @@ import numpy as np
 
 from m2vla_core.control.config import check_ensemble_chunks, check_ensemble_decay
 from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, ENSEMBLE_DECAY, EXECUTE_STEPS, check_latency_steps
+from m2vla_core.paths import check_destination
 
 DEFAULT_SEED_OFFSET = 1000
 MAX_WORKERS = 2  # this machine has 2 shared cores
@@ -297,21 +298,6 @@ def save_gif(frames: list[np.ndarray], path: str | os.PathLike, frame_dt_s: floa
         return
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(frame_dt_s * 1e3), loop=0)
-
-
-def check_destination(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
-    """Refuse, before any rollout, an output that could not be written afterwards: a directory
-    given for a file (or a file for a directory), or a path under a regular file. ValueError
-    naming the flag and the path."""
-    p = Path(path)
-    if p.exists() and p.is_dir() != directory:
-        got, want = ("a directory", "a file path") if p.is_dir() else ("a file", "a directory")
-        raise ValueError(f"{flag} {path} is {got}; give {want}")
-    for parent in p.parents:  # the nearest existing ancestor must be a directory
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
-            break
 
 
 def write_outputs(report: EvalReport, out_dir: str | os.PathLike | None, json_path: str | os.PathLike | None) -> None:

@@ -25,6 +25,7 @@ import torch
 from m2vla_core.config_io import to_dict
 from m2vla_core.heads.checkpoint import load_head
 from m2vla_core.heads.policy_head import PolicyHead
+from m2vla_core.paths import check_destination
 
 INPUT_NAMES = ("features", "mask", "state")
 OUTPUT_NAME = "chunk"
@@ -117,11 +118,8 @@ def export_onnx(checkpoint: str | os.PathLike | PolicyHead, out: str | os.PathLi
             raise ValueError("out is required when exporting an in-memory head")
         out = Path(checkpoint) / DEFAULT_ONNX_NAME
     out = Path(out)
-    if out.is_dir():  # refused before the export: os.replace could not put the model there
-        raise ValueError(f"out {out} is a directory; give the .onnx file path (e.g. {out / DEFAULT_ONNX_NAME})")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ValueError(f"out {out}: {blocker} is a file, not a directory")
+    # refused before the export: os.replace could not put the model there
+    check_destination(out, "out", directory=False, hint=f" (e.g. {out / DEFAULT_ONNX_NAME})")
     head = checkpoint if isinstance(checkpoint, PolicyHead) else load_head(checkpoint)
     head = head.cpu().eval()
     out.parent.mkdir(parents=True, exist_ok=True)

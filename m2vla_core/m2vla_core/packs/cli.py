@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     """Refuse, before any model loads, counts below 1 and a --json that could not be written."""
-    from m2vla_core.evaluation.cli import check_destination
+    from m2vla_core.paths import check_destination
 
     for flag in ("threads", "episodes"):
         value = getattr(args, flag, None)

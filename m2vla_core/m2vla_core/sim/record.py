@@ -30,6 +30,7 @@ import numpy as np
 from m2vla_core.sim.env import TaskEnv
 from m2vla_core.sim.experts import ExpertConfig, run_expert_episode
 from m2vla_core.sim.lerobot_io import Episode, FeatureNames, LeRobotWriter
+from m2vla_core.paths import check_destination
 from m2vla_core.sim.scene import SimConfig
 from m2vla_core.sim.tasks import parse_task_list
 
@@ -102,9 +103,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     if not sim.render:
         raise ValueError("recording needs images: SimConfig.render must be True")
     out = Path(config.out)
-    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # refused before the simulator starts
-        raise ValueError(f"out {config.out}: {blocker} is a file, not a directory")
+    check_destination(out, "out", directory=True)  # refused before the simulator starts
     env = TaskEnv(sim)
     t0 = time.perf_counter()
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
