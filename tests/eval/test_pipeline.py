@@ -447,3 +447,30 @@ def test_features_refuse_an_input_size_larger_than_the_recorded_frames(pipeline,
     assert features_main(["--data", str(pipeline["data"]), "--out", str(tmp_path / "f"), "--cache",
                           str(pipeline["cache"]), "--image-size", "112", "--no-progress", *SMALL]) == 2
     assert "m2vla record --image-size 112" in capsys.readouterr().err
+
+
+def test_record_with_a_policy_writes_takeover_episodes_that_features_accept(pipeline, tmp_path, capsys):
+    from m2vla_core.sim.lerobot_io import load_lerobot_episodes
+
+    data = tmp_path / "takeover"
+    assert record_main(["--out", str(data), "--tasks", "reach_above", "--episodes-per-task", "1", "--policy",
+                        str(pipeline["ckpt"]), "--takeover-steps", "3:3", "--no-progress"]) == 0
+    info = json.loads((data / "meta" / "info.json").read_text())["m2vla"]
+    assert info["takeover"]["policy"] == str(pipeline["ckpt"]) and info["takeover"]["min_steps"] == 3
+    (episode,) = load_lerobot_episodes(data)
+    assert episode.success and episode.timestamps[0] == 0.0
+    assert "the policy finished 0 itself" in capsys.readouterr().out
+    assert features_main(["--data", str(data), "--out", str(tmp_path / "f"), "--cache", str(pipeline["cache"]),
+                          "--no-progress", *SMALL]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--takeover-steps", "5"], "expected MIN:MAX"),
+    (["--takeover-steps", "9:3"], "min_steps <= max_steps"),
+    (["--image-size", "96"], "leave --image-size out with --policy"),
+])
+def test_record_with_a_policy_refuses_a_bad_range_or_another_image_size(pipeline, tmp_path, capsys, flags, message):
+    assert record_main(["--out", str(tmp_path / "t"), "--tasks", "reach_above", "--episodes-per-task", "1",
+                        "--policy", str(pipeline["ckpt"]), *flags, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from m2vla_core.sim import ExpertConfig, SimConfig, TaskEnv, make_expert, run_expert_episode, task_names
+from m2vla_core.sim.experts import drive_expert, hand_yaw, holds_cube
 
 SEEDS = (0, 1)
 
@@ -114,3 +115,50 @@ def test_a_chunk_the_controller_would_refuse_is_held_not_clipped_into_range(env)
     assert clipped.refusals == []
     moved = env.observe().joint_positions
     assert moved[0] > home[0] + 0.05 and moved[7] < home[7] - 0.02  # executed, the gripper clipped to closed
+
+
+def _drive(env, task, seed, steps):
+    """The expert drives ``steps`` control steps of a fresh episode; returns the observation."""
+    obs = env.reset(task, seed)
+    expert = make_expert(env)
+    for _ in range(steps):
+        obs = env.step(expert.act(obs))
+    return obs
+
+
+@pytest.mark.parametrize("task", ["push_to_zone", "place_on_zone", "stack"])
+def test_an_expert_resumed_mid_episode_plans_from_there_and_still_succeeds(env, task):
+    for steps in (15, 45):
+        obs = _drive(env, task, 0, steps)
+        success, _ = drive_expert(env, obs, make_expert(env, resume=True), 0)
+        assert success, f"{task}: the expert resumed after {steps} steps failed"
+
+
+def test_a_resumed_expert_carries_a_held_cube_on_instead_of_picking_it_again(env):
+    obs = _drive(env, "stack", 0, 45)
+    assert holds_cube(env, env.spec.cube)
+    expert = make_expert(env, resume=True)
+    assert [w.name for w in expert.waypoints][:2] == ["realign", "lower"]
+    openings = []
+    while expert.waypoints[expert._index].name in ("realign", "lower"):
+        action = expert.act(obs)
+        openings.append(action[7])
+        obs = env.step(action)
+    assert max(openings) == 0.0  # the fingers stay shut until the release
+    assert holds_cube(env, env.spec.cube)
+
+
+def test_a_cube_on_the_table_is_not_held_and_a_resumed_plan_picks_it(env):
+    _drive(env, "stack", 0, 5)
+    assert not holds_cube(env, env.spec.cube)
+    assert make_expert(env, resume=True).waypoints[0].name == "above cube"
+
+
+def test_the_hand_yaw_is_read_back_from_its_pose(env):
+    obs = _drive(env, "pick_lift", 3, 0)
+    expert = make_expert(env)
+    target = expert.waypoints[0].yaw
+    assert abs(target) > 0.1  # a layout whose grasp turns the hand
+    for _ in range(30):
+        obs = env.step(expert.act(obs))
+    assert hand_yaw(env) == pytest.approx(target, abs=0.03)

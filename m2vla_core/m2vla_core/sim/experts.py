@@ -9,10 +9,15 @@ The gripper points straight down; yaw is chosen modulo 90 deg to match the cube'
 
 Closed-loop corrections where they matter: the place waypoints are recomputed from the held
 cube's current offset in the hand, so a cube that slipped on grasp still lands on target.
+
+``make_expert(env, resume=True)`` plans from whatever state the episode is in (a policy drove
+before, DAgger-style takeover data): a cube already in the hand is carried on from where it is
+instead of picked again, and the hand turns from its current yaw.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -81,10 +86,12 @@ class ScriptedExpert:
     waypoints: list[Waypoint]
     config: ExpertConfig = field(default_factory=ExpertConfig)
 
+    start_yaw: float = 0.0  # the hand's yaw now (0 at home; resume plans pass the current one)
+
     def __post_init__(self) -> None:
         self._index = 0
         self._setpoint = self.env.scene.ee_pose()[:3].copy()
-        self._yaw = 0.0
+        self._yaw = float(self.start_yaw)
         self._held = 0
         self._waited = 0
         self._steps = 0
@@ -159,23 +166,25 @@ def _pick(env, spec: EpisodeSpec) -> tuple[list[Waypoint], float]:
     ], yaw
 
 
+def _hand_for_cube(spec: EpisodeSpec, target_xy, z: float):
+    """Waypoint update: where the hand must be for the held cube's centre to be at (target_xy, z)."""
+    estimate: list[np.ndarray] = []  # low-pass estimate of where the cube sits in the hand
+
+    def update(e):
+        cube, _ = e.scene.cube_pose(spec.cube)
+        offset = cube - e.scene.ee_pose()[:3]
+        if np.linalg.norm(offset[:2]) > 0.03:  # not held properly: aim the hand itself
+            offset = np.zeros(3)
+        # Filtered, so the hand follows a cube that slipped but not every swing in the fingers.
+        estimate[:] = [offset if not estimate else 0.7 * estimate[0] + 0.3 * offset]
+        return np.array([target_xy[0] - estimate[0][0], target_xy[1] - estimate[0][1], z - estimate[0][2]])
+    return update
+
+
 def _place_over(env, spec: EpisodeSpec, target_xy, release_z: float, yaw: float, align_yaw: float | None = None
                 ) -> list[Waypoint]:
     """Carry the held cube over target_xy, lower it to release_z (cube centre), open, retreat."""
-
-    def hand_for_cube(z: float):
-        estimate: list[np.ndarray] = []  # low-pass estimate of where the cube sits in the hand
-
-        def update(e):
-            cube, _ = e.scene.cube_pose(spec.cube)
-            offset = cube - e.scene.ee_pose()[:3]
-            if np.linalg.norm(offset[:2]) > 0.03:  # not held properly: aim the hand itself
-                offset = np.zeros(3)
-            # Filtered, so the hand follows a cube that slipped but not every swing in the fingers.
-            estimate[:] = [offset if not estimate else 0.7 * estimate[0] + 0.3 * offset]
-            return np.array([target_xy[0] - estimate[0][0], target_xy[1] - estimate[0][1], z - estimate[0][2]])
-        return update
-
+    hand_for_cube = functools.partial(_hand_for_cube, spec, target_xy)
     place_yaw = yaw if align_yaw is None else align_yaw
     carry = np.array([target_xy[0], target_xy[1], SAFE_Z_M])
     return [
@@ -266,6 +275,70 @@ def _plan_stack(env, spec):
     return wps + _place_over(env, spec, base[:2], release_z, yaw, align_yaw=yaw + turn)
 
 
+# ------------------------------------------------------------------------------- resumed plans
+HELD_MAX_XY_M = 0.03  # cube centre to grasp point, horizontally, for a cube between the fingers
+HELD_MIN_LIFT_M = 0.01  # cube bottom above the table
+REALIGN_CLEARANCE_M = 0.03  # held cube's centre above its release height while it moves over the target
+
+
+def holds_cube(env, colour: str) -> bool:
+    """The cube is in the hand: the fingers touch it, it is off the table, and it sits between them."""
+    cube, _ = env.scene.cube_pose(colour)
+    hand = env.scene.ee_pose()[:3]
+    return (env.scene.finger_contact(colour) and cube[2] > CUBE_SIZE_M / 2 + HELD_MIN_LIFT_M
+            and float(np.linalg.norm(cube[:2] - hand[:2])) < HELD_MAX_XY_M)
+
+
+def hand_yaw(env) -> float:
+    """Yaw [rad] of the hand's x axis in the world (the gripper points down: roll pi, pitch 0)."""
+    x, y, z, w = env.scene.ee_pose()[3:]
+    return float(math.atan2(2 * (x * y + z * w), 1 - 2 * (y * y + z * z)))
+
+
+def _resume_place(env, spec: EpisodeSpec, target_xy, release_z: float, align_yaw: float | None = None
+                  ) -> list[Waypoint]:
+    """The held cube moves over the target at its current height (at least REALIGN_CLEARANCE_M
+    above its release height), then is lowered and released as in ``_place_over``."""
+    yaw = hand_yaw(env)
+    cube, _ = env.scene.cube_pose(spec.cube)
+    approach_z = max(float(cube[2]), release_z + REALIGN_CLEARANCE_M)
+    place = _place_over(env, spec, target_xy, release_z, yaw, align_yaw)
+    place_yaw = place[0].yaw
+    realign = Waypoint(None, place_yaw, CLOSED_M, speed_m_s=NEAR_SPEED_M_S, tol_m=0.01,
+                       update=_hand_for_cube(spec, target_xy, approach_z), name="realign")
+    return [realign, *place[1:]]
+
+
+def _resume_lift(env, spec):
+    pos = env.scene.ee_pose()[:3]
+    return [Waypoint(np.array([pos[0], pos[1], SAFE_Z_M + 0.02]), hand_yaw(env), CLOSED_M, speed_m_s=NEAR_SPEED_M_S,
+                     hold_steps=2, tol_m=0.02, name="hold up")]
+
+
+def _resume_place_zone(env, spec):
+    return _resume_place(env, spec, spec.layout.target("zone", spec.target).xy_m, CUBE_SIZE_M / 2 + 0.006)
+
+
+def _resume_tray(env, spec):
+    return _resume_place(env, spec, spec.layout.target("tray", spec.target).xy_m, 0.065)
+
+
+def _resume_stack(env, spec):
+    base, base_orn = env.scene.cube_pose(spec.target)
+    _, top_orn = env.scene.cube_pose(spec.cube)
+    p = env.scene.p
+    turn = _grasp_yaw(p.getEulerFromQuaternion(base_orn)[2] - p.getEulerFromQuaternion(top_orn)[2])
+    return _resume_place(env, spec, base[:2], base[2] + CUBE_SIZE_M + 0.004, align_yaw=hand_yaw(env) + turn)
+
+
+# plans for a cube already in the hand; every other state gets the task's own plan from where things are
+RESUME_HELD_PLANNERS = {
+    "pick_lift": _resume_lift,
+    "place_on_zone": _resume_place_zone,
+    "stack": _resume_stack,
+    "put_in_tray": _resume_tray,
+}
+
 PLANNERS = {
     "reach_above": _plan_reach,
     "push_to_zone": _plan_push,
@@ -276,14 +349,21 @@ PLANNERS = {
 }
 
 
-def make_expert(env, config: ExpertConfig | None = None) -> ScriptedExpert:
-    """Expert for the episode ``env`` was last reset to (plans from the current object poses)."""
+def make_expert(env, config: ExpertConfig | None = None, *, resume: bool = False) -> ScriptedExpert:
+    """Expert for the episode ``env`` was last reset to (plans from the current object poses).
+    ``resume``: the episode is under way (see the module docstring); the plan starts from the hand's
+    current pose and yaw, and carries on with a cube that is already held."""
     if env.spec is None:
         raise RuntimeError("reset the env before making an expert")
-    planner = PLANNERS.get(env.spec.task)
+    task = env.spec.task
+    planner = PLANNERS.get(task)
     if planner is None:
-        raise KeyError(f"no scripted expert for task {env.spec.task!r}")
-    return ScriptedExpert(env, planner(env, env.spec), config or ExpertConfig())
+        raise KeyError(f"no scripted expert for task {task!r}")
+    if not resume:
+        return ScriptedExpert(env, planner(env, env.spec), config or ExpertConfig())
+    if task in RESUME_HELD_PLANNERS and holds_cube(env, env.spec.cube):
+        planner = RESUME_HELD_PLANNERS[task]
+    return ScriptedExpert(env, planner(env, env.spec), config or ExpertConfig(), start_yaw=hand_yaw(env))
 
 
 class ExpertAgent:
@@ -314,7 +394,13 @@ def run_expert_episode(env, task: str, seed: int, config: ExpertConfig | None = 
     """
     config = config or ExpertConfig()
     obs = env.reset(task, seed)
-    expert = make_expert(env, config)
+    return drive_expert(env, obs, make_expert(env, config), seed, on_step)
+
+
+def drive_expert(env, obs, expert: ScriptedExpert, seed: int, on_step=None) -> tuple[bool, int]:
+    """Run ``expert`` from ``obs`` (the env's current observation) until its plan ends; returns
+    (success, steps). Noise and ``on_step`` as in ``run_expert_episode``."""
+    config = expert.config
     stream = [int(config.noise_stream)] if config.noise_stream else []  # stream 0: recordings made before it existed
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919, *stream]))
     steps = 0

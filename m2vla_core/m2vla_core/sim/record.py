@@ -14,6 +14,11 @@ the stored ``action`` is always the clean expert target for the observed state. 
 many perturbed demonstrations of few layouts (e.g. the graph-test policy that must solve one
 layout per task, scripts/make_graph_test_policy.sh). ``--episodes-per-task`` counts layouts;
 a layout counts when at least one of its repeats succeeded.
+
+With ``--policy CKPT`` the episodes are takeover data (DAgger-style,
+``m2vla_core.evaluation.takeover``): the policy drives each layout for a random number of
+control steps (``--takeover-steps MIN:MAX``), then the expert finishes from there, and only the
+expert's part is written. A layout the policy finishes before its takeover is skipped.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from m2vla_core.paths import check_destination
 from m2vla_core.sim.env import TaskEnv
 from m2vla_core.sim.experts import ExpertConfig, run_expert_episode
 from m2vla_core.sim.lerobot_io import Episode, FeatureNames, LeRobotWriter
-from m2vla_core.paths import check_destination
 from m2vla_core.sim.scene import SimConfig
 from m2vla_core.sim.tasks import parse_task_list
 
@@ -72,32 +77,50 @@ class RecordSummary:
     renderer: str
 
 
+class EpisodeCollector:
+    """``on_step`` callback of ``drive_expert``: collects (observation, clean action) pairs; the
+    final observation, which no action follows, is dropped."""
+
+    def __init__(self) -> None:
+        self.images, self.wrists, self.states, self.actions, self.ee, self.times = [], [], [], [], [], []
+
+    def __call__(self, obs, action, executed) -> None:
+        if action is None:
+            return
+        self.images.append(obs.image)
+        if obs.wrist_image is not None:
+            self.wrists.append(obs.wrist_image)
+        self.states.append(obs.joint_positions)
+        self.actions.append(action)
+        self.ee.append(obs.ee_pose)
+        self.times.append(obs.time_s)
+
+    def episode(self, env, task: str, seed: int, success: bool) -> Episode:
+        times = np.asarray(self.times, dtype=np.float32)
+        return Episode(instruction=env.spec.instruction, frames=np.stack(self.images),  # (T, H, W, 3)
+                       states=np.asarray(self.states, dtype=np.float32),
+                       actions=np.asarray(self.actions, dtype=np.float32), fps=1.0 / env.config.control_dt_s,
+                       task=task, seed=int(seed), success=bool(success),
+                       wrist_frames=np.stack(self.wrists) if self.wrists else None,
+                       ee_poses=np.asarray(self.ee, dtype=np.float32),
+                       timestamps=times - times[0] if len(times) else times)  # LeRobot: from 0 in each episode
+
+
 def record_episode(env: TaskEnv, task: str, seed: int, expert_config: ExpertConfig) -> Episode:
     """Run the expert once and collect (observation, clean action) pairs; the final state is dropped."""
-    images, wrists, states, actions, ee, times = [], [], [], [], [], []
-
-    def on_step(obs, action, executed) -> None:
-        if action is None:
-            return  # final observation: no action follows it
-        images.append(obs.image)
-        if obs.wrist_image is not None:
-            wrists.append(obs.wrist_image)
-        states.append(obs.joint_positions)
-        actions.append(action)
-        ee.append(obs.ee_pose)
-        times.append(obs.time_s)
-
-    success, _ = run_expert_episode(env, task, seed, expert_config, on_step=on_step)
-    return Episode(instruction=env.spec.instruction, frames=np.stack(images),  # (T, H, W, 3)
-                   states=np.asarray(states, dtype=np.float32), actions=np.asarray(actions, dtype=np.float32),
-                   fps=1.0 / env.config.control_dt_s, task=task, seed=int(seed), success=bool(success),
-                   wrist_frames=np.stack(wrists) if wrists else None, ee_poses=np.asarray(ee, dtype=np.float32),
-                   timestamps=np.asarray(times, dtype=np.float32))
+    collector = EpisodeCollector()
+    success, _ = run_expert_episode(env, task, seed, expert_config, on_step=collector)
+    return collector.episode(env, task, seed, success)
 
 
 def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: FeatureNames | None = None,
-                   progress: bool = True) -> RecordSummary:
+                   progress: bool = True, source=None, extra_info: dict | None = None) -> RecordSummary:
+    """``source(env, task, seed, expert_config) -> Episode | None`` makes each episode (default
+    ``record_episode``; None: nothing to record for that seed, e.g. a takeover policy that finished
+    the task itself); ``extra_info`` is added to info.json's "m2vla" record."""
     from tqdm import tqdm
+
+    source = source or record_episode
 
     sim = sim or SimConfig()
     if not sim.render:
@@ -108,7 +131,8 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     t0 = time.perf_counter()
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
              config.noise_std_rad, "repeats_per_seed": config.repeats, "seed_offset": config.seed_offset,
-             "state_layout": list(env.state_names), "action_layout": list(env.state_names), "seeds": {}}
+             "state_layout": list(env.state_names), "action_layout": list(env.state_names), "seeds": {},
+             **(extra_info or {})}
     writer = LeRobotWriter(config.out, fps=1.0 / sim.control_dt_s, image_shape=(sim.image_height, sim.image_width, 3),
                            state_names=list(env.state_names), action_names=list(env.state_names), names=names,
                            wrist_image=sim.wrist_camera, extra_info=extra, overwrite=config.overwrite)
@@ -125,7 +149,9 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
                 written = 0
                 for stream in range(config.repeats):
                     expert_config = ExpertConfig(noise_std_rad=config.noise_std_rad, noise_stream=stream)
-                    episode = record_episode(env, task, seed, expert_config)
+                    episode = source(env, task, seed, expert_config)
+                    if episode is None:
+                        continue
                     successes += int(bool(episode.success))
                     if episode.success or config.keep_failures:
                         writer.add_episode(episode)
@@ -158,30 +184,45 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="demonstrations per seed, each with its own noise sequence (use with --noise)")
     parser.add_argument("--keep-failures", action="store_true", help="also keep episodes the expert failed")
-    parser.add_argument("--image-size", type=int, default=224, help="[px] square camera image")
+    parser.add_argument("--image-size", type=int, help="[px] square camera image (default 224; with --policy the "
+                        "policy's own)")
     parser.add_argument("--control-dt", type=float, default=0.1, help="[s] control period = 1 / fps")
     parser.add_argument("--wrist", action="store_true", help="also record the wrist camera")
     parser.add_argument("--renderer", default="tiny", choices=["auto", "egl", "tiny"],
                         help="tiny: portable, identical images everywhere (default)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    parser.add_argument("--policy", help="takeover data (DAgger-style): this policy checkpoint ('default': the "
+                        "shipped one) drives each layout for a random number of steps, then the expert finishes "
+                        "from there; only the expert's part is recorded")
+    parser.add_argument("--takeover-steps", default="10:70", help="with --policy: MIN:MAX control steps the policy "
+                        "drives (drawn per layout from its seed)")
     parser.add_argument("--no-progress", action="store_true")
     opts = parser.parse_args(argv)
+    takeover = None
     try:
         tasks = tuple(parse_task_list(opts.tasks))
         config = RecordConfig(out=str(opts.out), tasks=tasks, episodes_per_task=opts.episodes_per_task,
                               seed_offset=opts.seed_offset, noise_std_rad=opts.noise, keep_failures=opts.keep_failures,
                               repeats=opts.repeats, overwrite=opts.overwrite)
-        sim = SimConfig(image_width=opts.image_size, image_height=opts.image_size, control_dt_s=opts.control_dt,
-                        wrist_camera=opts.wrist, renderer=opts.renderer)
-        summary = record_dataset(config, sim, progress=not opts.no_progress)
+        sim = SimConfig(image_width=opts.image_size or 224, image_height=opts.image_size or 224,
+                        control_dt_s=opts.control_dt, wrist_camera=opts.wrist, renderer=opts.renderer)
+        if opts.policy:
+            from m2vla_core.evaluation.takeover import TakeoverSource
+
+            check_destination(opts.out, "--out", directory=True)  # before the policy loads
+            takeover = TakeoverSource.load(opts.policy, opts.takeover_steps)
+            sim = takeover.sim_config(sim, image_size=opts.image_size)
+        summary = record_dataset(config, sim, progress=not opts.no_progress, source=takeover,
+                                 extra_info=takeover.info() if takeover else None)
     except (KeyError, ValueError, OSError) as exc:
         print(f"m2vla record: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary.episodes} episodes, {summary.frames} frames to {opts.out} in {summary.seconds:.1f} s "
           f"(renderer: {summary.renderer})")
     for task in config.tasks:
+        solved = f"  (the policy finished {takeover.solved[task]} itself)" if takeover else ""
         print(f"  {task:<14} kept {summary.kept[task]:>3}  expert success {summary.successes[task]}/"
-              f"{summary.attempts[task]}")
+              f"{summary.attempts[task]}{solved}")
     short = [t for t in config.tasks if summary.kept[t] < config.episodes_per_task]
     if short:
         print(f"m2vla record: fewer episodes than asked for {', '.join(short)}", file=sys.stderr)
