@@ -247,9 +247,10 @@ class PolicyNode(Node):
             self._set_state(PolicyStatus.STATE_WAITING, "e-stop released")
 
     def _on_reset(self, _request: Reset.Request, response: Reset.Response) -> Reset.Response:
-        with self._lock:
-            self._features, self._joints = None, None
-        self.engine.reset()
+        with self._tick_lock:  # a tick in progress publishes before the reset, none runs during it
+            with self._lock:
+                self._features, self._joints = None, None
+            self.engine.reset()
         self._set_state(PolicyStatus.STATE_IDLE, "reset")
         response.success, response.error_code, response.message = True, Reset.Request.OK, "policy state cleared"
         return response
