@@ -37,7 +37,8 @@ class TakeoverConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"TakeoverConfig needs 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise ValueError(f"TakeoverConfig needs 1 <= min_steps <= max_steps, got {self.min_steps}, "
+                             f"{self.max_steps}")
 
     def steps_for(self, seed: int, stream: int = 0) -> int:
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 104729, int(stream)]))

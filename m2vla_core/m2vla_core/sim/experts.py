@@ -34,6 +34,8 @@ NEAR_SPEED_M_S = 0.12
 PUSH_SPEED_M_S = 0.08
 MAX_YAW_RATE_RAD_S = 3.0
 MAX_ACCEL_M_S2 = 1.2  # set-point acceleration limit: smooth starts and stops, no swinging cube
+ZONE_RELEASE_Z_M = CUBE_SIZE_M / 2 + 0.006  # cube centre where the hand lets go over a zone
+TRAY_RELEASE_Z_M = 0.065  # ... over a tray
 
 
 @dataclass(frozen=True)
@@ -255,24 +257,33 @@ def _plan_lift(env, spec):
 def _plan_place_zone(env, spec):
     wps, yaw = _pick(env, spec)
     zone = spec.layout.target("zone", spec.target).xy_m
-    return wps + _place_over(env, spec, zone, CUBE_SIZE_M / 2 + 0.006, yaw)
+    return wps + _place_over(env, spec, zone, ZONE_RELEASE_Z_M, yaw)
 
 
 def _plan_tray(env, spec):
     wps, yaw = _pick(env, spec)
     tray = spec.layout.target("tray", spec.target).xy_m
-    return wps + _place_over(env, spec, tray, 0.065, yaw)
+    return wps + _place_over(env, spec, tray, TRAY_RELEASE_Z_M, yaw)
+
+
+def _stack_release_z(base_z: float) -> float:
+    """Top cube's centre where the hand lets go over a base cube centred at base_z."""
+    return base_z + CUBE_SIZE_M + 0.004
+
+
+def _stack_turn(env, spec) -> float:
+    """Turn of the hand [rad] that lines the top cube's faces up with the base cube's."""
+    p = env.scene.p
+    _, base_orn = env.scene.cube_pose(spec.target)
+    _, top_orn = env.scene.cube_pose(spec.cube)
+    return _grasp_yaw(p.getEulerFromQuaternion(base_orn)[2] - p.getEulerFromQuaternion(top_orn)[2])
 
 
 def _plan_stack(env, spec):
     wps, yaw = _pick(env, spec)
-    base, base_orn = env.scene.cube_pose(spec.target)
-    _, top_orn = env.scene.cube_pose(spec.cube)
-    p = env.scene.p
-    # Turn the hand so the held cube's faces line up with the base cube's.
-    turn = _grasp_yaw(p.getEulerFromQuaternion(base_orn)[2] - p.getEulerFromQuaternion(top_orn)[2])
-    release_z = base[2] + CUBE_SIZE_M + 0.004
-    return wps + _place_over(env, spec, base[:2], release_z, yaw, align_yaw=yaw + turn)
+    base, _ = env.scene.cube_pose(spec.target)
+    turn = _stack_turn(env, spec)
+    return wps + _place_over(env, spec, base[:2], _stack_release_z(base[2]), yaw, align_yaw=yaw + turn)
 
 
 # ------------------------------------------------------------------------------- resumed plans
@@ -316,19 +327,17 @@ def _resume_lift(env, spec):
 
 
 def _resume_place_zone(env, spec):
-    return _resume_place(env, spec, spec.layout.target("zone", spec.target).xy_m, CUBE_SIZE_M / 2 + 0.006)
+    return _resume_place(env, spec, spec.layout.target("zone", spec.target).xy_m, ZONE_RELEASE_Z_M)
 
 
 def _resume_tray(env, spec):
-    return _resume_place(env, spec, spec.layout.target("tray", spec.target).xy_m, 0.065)
+    return _resume_place(env, spec, spec.layout.target("tray", spec.target).xy_m, TRAY_RELEASE_Z_M)
 
 
 def _resume_stack(env, spec):
-    base, base_orn = env.scene.cube_pose(spec.target)
-    _, top_orn = env.scene.cube_pose(spec.cube)
-    p = env.scene.p
-    turn = _grasp_yaw(p.getEulerFromQuaternion(base_orn)[2] - p.getEulerFromQuaternion(top_orn)[2])
-    return _resume_place(env, spec, base[:2], base[2] + CUBE_SIZE_M + 0.004, align_yaw=hand_yaw(env) + turn)
+    base, _ = env.scene.cube_pose(spec.target)
+    align_yaw = hand_yaw(env) + _stack_turn(env, spec)
+    return _resume_place(env, spec, base[:2], _stack_release_z(base[2]), align_yaw=align_yaw)
 
 
 # plans for a cube already in the hand; every other state gets the task's own plan from where things are
