@@ -474,3 +474,10 @@ def test_record_with_a_policy_refuses_a_bad_range_or_another_image_size(pipeline
                         "--policy", str(pipeline["ckpt"]), *flags, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_record_refuses_a_takeover_range_without_a_policy(tmp_path, capsys):
+    assert record_main(["--out", str(tmp_path / "t"), "--tasks", "reach_above", "--takeover-steps", "5:9",
+                        "--no-progress"]) == 2
+    assert "--takeover-steps needs --policy" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -194,8 +194,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--policy", help="takeover data (DAgger-style): this policy checkpoint ('default': the "
                         "shipped one) drives each layout for a random number of steps, then the expert finishes "
                         "from there; only the expert's part is recorded")
-    parser.add_argument("--takeover-steps", default="10:70", help="with --policy: MIN:MAX control steps the policy "
-                        "drives (drawn per layout from its seed)")
+    parser.add_argument("--takeover-steps", help="with --policy: MIN:MAX control steps the policy drives (drawn per "
+                        "layout from its seed; default 10:70)")
     parser.add_argument("--no-progress", action="store_true")
     opts = parser.parse_args(argv)
     takeover = None
@@ -206,11 +206,13 @@ def cli_main(argv: list[str]) -> int:
                               repeats=opts.repeats, overwrite=opts.overwrite)
         sim = SimConfig(image_width=opts.image_size or 224, image_height=opts.image_size or 224,
                         control_dt_s=opts.control_dt, wrist_camera=opts.wrist, renderer=opts.renderer)
+        if opts.takeover_steps and not opts.policy:
+            raise ValueError("--takeover-steps needs --policy (the policy that drives before the expert takes over)")
         if opts.policy:
             from m2vla_core.evaluation.takeover import TakeoverSource
 
             check_destination(opts.out, "--out", directory=True)  # before the policy loads
-            takeover = TakeoverSource.load(opts.policy, opts.takeover_steps)
+            takeover = TakeoverSource.load(opts.policy, opts.takeover_steps or "10:70")
             sim = takeover.sim_config(sim, image_size=opts.image_size)
         summary = record_dataset(config, sim, progress=not opts.no_progress, source=takeover,
                                  extra_info=takeover.info() if takeover else None)
@@ -220,7 +222,7 @@ def cli_main(argv: list[str]) -> int:
     print(f"wrote {summary.episodes} episodes, {summary.frames} frames to {opts.out} in {summary.seconds:.1f} s "
           f"(renderer: {summary.renderer})")
     for task in config.tasks:
-        solved = f"  (the policy finished {takeover.solved[task]} itself)" if takeover else ""
+        solved = f"  (the policy finished {takeover.solved.get(task, 0)} itself)" if takeover else ""
         print(f"  {task:<14} kept {summary.kept[task]:>3}  expert success {summary.successes[task]}/"
               f"{summary.attempts[task]}{solved}")
     short = [t for t in config.tasks if summary.kept[t] < config.episodes_per_task]
