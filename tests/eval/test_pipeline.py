@@ -459,7 +459,7 @@ def test_record_with_a_policy_writes_takeover_episodes_that_features_accept(pipe
     assert info["takeover"]["policy"] == str(pipeline["ckpt"]) and info["takeover"]["min_steps"] == 3
     (episode,) = load_lerobot_episodes(data)
     assert episode.success and episode.timestamps[0] == 0.0
-    assert "the policy finished 0 itself" in capsys.readouterr().out
+    assert "expert success 1/1  (the policy finished 0 more itself)" in capsys.readouterr().out
     assert features_main(["--data", str(data), "--out", str(tmp_path / "f"), "--cache", str(pipeline["cache"]),
                           "--no-progress", *SMALL]) == 0
 

@@ -222,9 +222,10 @@ def cli_main(argv: list[str]) -> int:
     print(f"wrote {summary.episodes} episodes, {summary.frames} frames to {opts.out} in {summary.seconds:.1f} s "
           f"(renderer: {summary.renderer})")
     for task in config.tasks:
-        solved = f"  (the policy finished {takeover.solved.get(task, 0)} itself)" if takeover else ""
+        solved = takeover.solved.get(task, 0) if takeover else 0  # layouts the expert never drove
+        policy_note = f"  (the policy finished {solved} more itself)" if takeover else ""
         print(f"  {task:<14} kept {summary.kept[task]:>3}  expert success {summary.successes[task]}/"
-              f"{summary.attempts[task]}{solved}")
+              f"{summary.attempts[task] - solved}{policy_note}")
     short = [t for t in config.tasks if summary.kept[t] < config.episodes_per_task]
     if short:
         print(f"m2vla record: fewer episodes than asked for {', '.join(short)}", file=sys.stderr)
