@@ -9,7 +9,8 @@ trajectory_msgs/JointTrajectory with one point ``trajectory_lookahead_s`` ahead 
 ``trajectory_topic`` (ros2_control's joint_trajectory_controller, streaming mode).
 
 Holds on e-stop (latched until ``False`` or ``~/reset``), stale/missing chunks or joint
-states and bad data; every rejection is logged (throttled) and counted in
+states, bad data, and an arm that stops following its commands (``max_following_error``,
+latched until ``~/reset``); every rejection is logged (throttled) and counted in
 /m2vla/controller_status and /diagnostics. Every callback is guarded: an unexpected exception
 is counted as an ``<input>:internal`` rejection and the node keeps streaming (holding).
 A restarted controller holds the *measured* joint state until a chunk arrives (it has no
@@ -34,7 +35,7 @@ from std_msgs.msg import Bool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from m2vla_core.control import (
-    ESTOPPED, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
+    ESTOPPED, HOLD_FOLLOWING_ERROR, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
     PeriodMonitor, TickGrid, WorkspaceBox,
 )
 from m2vla_core.control.config import MAX_ENSEMBLE_CHUNKS, MAX_ENSEMBLE_DECAY
@@ -80,6 +81,12 @@ PARAMETERS = {
     "workspace_check": (True, "keep the end effector in the workspace box (Panda forward kinematics)"),
     "workspace_lower_m": ([-0.2, -0.7, -0.02], "[m] workspace box lower corner in the base frame"),
     "workspace_upper_m": ([0.9, 0.7, 1.2], "[m] workspace box upper corner in the base frame"),
+    "max_following_error": (0.3, "[rad | m] hold at the measured position, latched until ~/reset, when a checked "
+                                 "joint stays further than this from its command for following_error_time_s "
+                                 "(0 = off)", (0.0, 10.0)),
+    "following_error_time_s": (0.5, "[s] how long the following error must last to latch the hold", (0.0, 60.0)),
+    "following_error_exempt": (["gripper_opening"], "joints the following-error check does not watch (a gripper "
+                                                    "closed on an object stays short of its command)"),
     "status_rate_hz": (5.0, "[Hz] /m2vla/controller_status heartbeat (also published on change)", (0.1, 100.0)),
 }
 
@@ -144,7 +151,10 @@ class ControllerNode(Node):
             max_future_stamp_s=float(p["max_future_stamp_s"]), chunk_timeout_s=float(p["chunk_timeout_s"]),
             max_joint_state_age_s=float(p["max_joint_state_age_s"]),
             position_tolerance=float(p["position_tolerance"]),
-            max_chunk_speed_factor=float(p["max_chunk_speed_factor"]), workspace=workspace)
+            max_chunk_speed_factor=float(p["max_chunk_speed_factor"]), workspace=workspace,
+            max_following_error=float(p["max_following_error"]),
+            following_error_time_s=float(p["following_error_time_s"]),
+            following_error_exempt=tuple(n for n in p["following_error_exempt"] if n))  # [""]: ROS has no empty list
 
     def _forward_kinematics(self):
         if self.config.workspace is None:
@@ -263,6 +273,9 @@ class ControllerNode(Node):
                 self._send(command)
                 if (command.state, command.hold_reason) != last_state:
                     last_state = (command.state, command.hold_reason)
+                    if command.hold_reason == HOLD_FOLLOWING_ERROR:
+                        self.get_logger().error(f"FOLLOWING ERROR: {self.streamer.fault}; holding the measured "
+                                                "position until ~/reset")
                     self._update_status(command)
                     self._publish_status()
             except Exception as exc:  # noqa: BLE001 - the loop must survive; the streamer holds next tick
@@ -327,15 +340,17 @@ class ControllerNode(Node):
         with self._lock:
             values = {**self.streamer.stats, **self.streamer.rejections}
             last = self.streamer.last_rejection
+            fault, peak = self.streamer.fault, self.streamer.following_error_peak
+            self.streamer.following_error_peak = 0.0  # the next report covers the next period
         state = {v: k for k, v in STATE_IDS.items()}.get(self.status.state, "holding")
         level = DiagnosticStatus.OK
         message = state if not self.status.hold_reason else f"{state}: {self.status.hold_reason}"
-        if self.status.state == ControllerStatus.STATE_ESTOP:
+        if self.status.state == ControllerStatus.STATE_ESTOP or fault:
             level = DiagnosticStatus.ERROR
         elif self.status.chunks_rejected or any(k.startswith("joint_state:") for k in values):
             level = DiagnosticStatus.WARN
         items = {**{k: str(v) for k, v in values.items()}, **{k: f"{v:.4g}" for k, v in timing.items()},
-                 "last_rejection": last}
+                 "last_rejection": last, "following_error_fault": fault, "following_error_peak": f"{peak:.4g}"}
         self.diag_pub.publish(diagnostic_array("m2vla_controller", self.p["output"], level, message,
                                                dict(sorted(items.items())), self.get_clock().now().to_msg()))
 

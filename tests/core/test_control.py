@@ -402,6 +402,64 @@ def test_stop_drops_the_chunk_and_holds_the_command():
     np.testing.assert_array_equal(rig.commands[-1], last)
 
 
+# ----------------------------------------------------------------------------- following error
+def _drive_a_stuck_arm(rig: Rig, seconds: float, stuck_at) -> list:
+    """Step the streamer while the arm reports ``stuck_at`` whatever it is told."""
+    out = []
+    for _ in range(int(round(seconds * RATE_HZ))):
+        rig.t += T
+        rig.s.update_joint_state(stuck_at, rig.t)
+        out.append(rig.s.step(rig.t))
+    return out
+
+
+def test_an_arm_that_stops_following_latches_a_hold_at_where_it_is_until_reset():
+    rig = Rig(make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0))
+    assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.0], horizon=80, dt=0.05, observation_s=rig.t),
+                             rig.t) is None
+    rig.run(0.1)
+    blocked = rig.q.copy()  # the arm hits something here; the commands run on at 0.5 rad/s
+    cmds = _drive_a_stuck_arm(rig, 0.6, blocked)
+    faulted = [i for i, c in enumerate(cmds) if c.hold_reason == "following_error"]
+    # 0.05 rad behind after 0.1 s, then 0.2 s more: latched about 0.3 s into the block, never before 0.2 s
+    assert faulted and 0.2 <= faulted[0] * T <= 0.35
+    assert all(c.hold_reason == "following_error" for c in cmds[faulted[0]:])  # latched
+    np.testing.assert_allclose(cmds[-1].position, blocked)  # holds where the arm is, not the last command
+    assert rig.s.fault.startswith("a ") and rig.s.stats["following_error_faults"] == 1  # names the joint
+    reason = rig.s.offer_chunk(ramp_chunk(blocked, [0.5, 0.0], observation_s=rig.t, sequence_id=2), rig.t)
+    assert reason_code(reason) == "following_error"
+    rig.s.set_estop(True, rig.t)
+    rig.s.set_estop(False, rig.t)  # releasing an e-stop does not clear the fault
+    assert _drive_a_stuck_arm(rig, 0.05, blocked)[-1].hold_reason == "following_error"
+    rig.s.reset(rig.t)
+    assert not rig.s.fault
+    assert rig.s.offer_chunk(ramp_chunk(blocked, [0.5, 0.0], observation_s=rig.t, sequence_id=1), rig.t) is None
+    assert rig.run(0.1)[-1].state == TRACKING
+
+
+def test_a_short_lag_or_a_lagging_exempt_joint_does_not_fault():
+    config = make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0,
+                         following_error_exempt=("b",))
+    rig = Rig(config)
+    assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=rig.t),
+                             rig.t) is None
+    rig.run(0.1)
+    cmds = _drive_a_stuck_arm(rig, 0.15, [rig.q[0], 0.0])  # "a" lags 0.075 rad for 0.15 s, "b" stays at 0
+    cmds += rig.run(0.5)  # "a" catches up; "b" follows only now
+    assert all(c.hold_reason != "following_error" for c in cmds) and not rig.s.fault
+    assert rig.s.following_error_peak > 0.05  # the lag was seen, and was too short to fault
+    off = Rig(make_config(chunk_timeout_s=5.0))  # max_following_error 0: never checked
+    off.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=off.t), off.t)
+    assert all(c.hold_reason != "following_error" for c in _drive_a_stuck_arm(off, 1.0, [0.0, 0.0]))
+
+
+def test_following_error_settings_are_checked():
+    with pytest.raises(ValueError, match="max_following_error"):
+        make_config(max_following_error=-0.1)
+    with pytest.raises(ValueError, match="following_error_exempt names \\['gripper'\\]"):
+        make_config(max_following_error=0.1, following_error_exempt=("gripper",))
+
+
 def test_period_monitor_reports_rate_and_period_error():
     m = PeriodMonitor(0.004)
     for k in range(251):

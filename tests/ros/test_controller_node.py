@@ -1,7 +1,7 @@
 """The controller node in a real process over real DDS, driven by a test-side rclpy peer.
 
 The peer plays the arm (it publishes /joint_states equal to the last command: a perfect
-position-controlled arm), the policy (chunks) and the operator (e-stop, services). Holds are
+position-controlled arm, or one stuck where it is), the policy (chunks) and the operator (e-stop, services). Holds are
 asserted on the command stream itself (held positions), never on timing. A second module
 part closes the loop through the PyBullet sim node.
 """
@@ -22,6 +22,7 @@ import pytest
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from trajectory_msgs.msg import JointTrajectory
@@ -31,7 +32,7 @@ from m2vla_core.rosenv import ros_environment
 from m2vla_msgs.msg import ActionChunk, ControllerStatus, TaskStatus
 from m2vla_msgs.srv import Reset
 from m2vla_ros import node_process, qos
-from m2vla_ros.conversions import array_to_joint_state, chunk_to_msg, joint_state_to_array
+from m2vla_ros.conversions import array_to_joint_state, chunk_to_msg, diagnostic_values, joint_state_to_array
 
 HOME = np.array([0.0, -0.35, 0.0, -2.3, 0.0, 1.95, 0.785, 0.08])  # 7 arm joints [rad] + gripper opening [m]
 SIM_JOINTS = [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"]
@@ -102,6 +103,8 @@ class Peer:
         self.sim_joints: JointState | None = None
         self.task_status: TaskStatus | None = None
         self.arm = HOME.copy()
+        self.stuck_at: np.ndarray | None = None  # (8,) the arm reports this whatever it is told
+        self.controller_diagnostics: list[dict[str, str]] = []  # m2vla_controller's /diagnostics values
         self.publish_joint_states = play_arm
         n = self.node
         self.chunk_pub = n.create_publisher(ActionChunk, "/m2vla/action_chunk", qos.CHUNKS)
@@ -112,6 +115,7 @@ class Peer:
         n.create_subscription(ControllerStatus, "/m2vla/controller_status", self._on_status, qos.STATUS)
         n.create_subscription(JointTrajectory, "/test_jtc/joint_trajectory", self._on_trajectory, qos.COMMANDS)
         n.create_subscription(TaskStatus, "/m2vla/task_status", self._on_task, qos.STATUS)
+        n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, qos.STATUS)
         if not play_arm:
             n.create_subscription(JointState, "/joint_states", self._on_sim_joints, qos.SENSOR)
         self.reset_client = n.create_client(Reset, "/m2vla_controller/reset")
@@ -147,6 +151,10 @@ class Peer:
         with self.lock:
             self.task_status = msg
 
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        with self.lock:
+            self.controller_diagnostics += [diagnostic_values(s) for s in msg.status if s.name == "m2vla_controller"]
+
     def _on_sim_joints(self, msg: JointState) -> None:
         with self.lock:
             self.sim_joints = msg
@@ -154,7 +162,7 @@ class Peer:
     def _play_arm(self) -> None:
         if self.publish_joint_states:
             with self.lock:
-                q = self.arm.copy()
+                q = (self.arm if self.stuck_at is None else self.stuck_at).copy()
             positions = np.concatenate([q[:7], [q[7] / 2, q[7] / 2]])  # the opening as two fingers
             self.joint_pub.publish(array_to_joint_state(SIM_JOINTS, positions,
                                                         stamp=self.node.get_clock().now().to_msg()))
@@ -418,6 +426,32 @@ def test_with_ensemble_chunks_the_node_follows_the_mean_of_the_chunks_that_cover
     assert time.monotonic() - t_a < 5.0, "the ensemble came home only after B had ended"
 
 
+def test_an_arm_that_stops_following_its_commands_is_held_where_it_is_until_reset(rig):
+    peer, _ = rig
+    peer.reset_controller()
+    with peer.lock:
+        peer.stuck_at = HOME.copy()  # blocked: the joint states stay at home
+    try:
+        peer.publish_chunk(ramp(0, 0.8, horizon=20), sequence_id=1)  # 0.8 rad/s for 1 s on panda_joint1
+        peer.wait_status(lambda s: s.hold_reason == "following_error", "the following-error hold")
+        # 0.3 rad (the default limit) behind for 0.5 s: the commands went at most ~0.8 rad out, then came
+        # back to where the arm is, and stay there
+        peer.wait_for(lambda: np.allclose(peer.last_command(), HOME, atol=1e-6), "commands back at the measured arm")
+        rejected = peer.latest_status().chunks_rejected
+        peer.publish_chunk(ramp(0, 0.3, horizon=20), sequence_id=2)
+        peer.wait_status(lambda s: s.chunks_rejected > rejected, "the chunk refused while latched")
+        time.sleep(0.2)
+        np.testing.assert_allclose(peer.last_command(), HOME, atol=1e-6)
+        peer.wait_for(lambda: any(d.get("following_error_fault", "").startswith("panda_joint1 ")
+                                  for d in peer.controller_diagnostics), "the fault in /diagnostics", 5.0)
+    finally:
+        with peer.lock:
+            peer.stuck_at = None
+    peer.reset_controller()  # clears the latch
+    peer.publish_chunk(ramp(0, 0.3, horizon=20), sequence_id=1)
+    peer.wait_for(lambda: peer.last_command()[0] > HOME[0] + 0.2, "tracking again after ~/reset")
+
+
 def test_joint_trajectory_output_streams_one_point_ahead_for_ros2_control(rig):
     peer, _ = rig
     msg = peer.wait_for(lambda: peer.trajectories[-1] if peer.trajectories else None, "a JointTrajectory")
@@ -474,7 +508,9 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
         # like a policy would, are interpolated, limited and executed until the task succeeds.
         actions = _expert_actions("reach_above", seed=3)  # (N, 8)
         assert peer.call(peer.sim_reset_client, Reset.Request(task="reach_above", seed=3)).success
-        peer.reset_controller()
+        peer.reset_controller()  # also clears the following-error peak the sim's reset jump left
+        with peer.lock:
+            first_report = len(peer.controller_diagnostics)
         peer.wait_for(lambda: peer.task_status.task == "reach_above" and not peer.task_status.success, "new episode")
         t0 = time.monotonic()
         for k in range(len(actions) + 20):
@@ -487,6 +523,14 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
         peer.wait_for(lambda: peer.task_status.success, "reach_above to succeed in the sim", 5.0)
         status = peer.wait_status(lambda s: True, "controller status")
         assert status.chunks_rejected == 0
+        # the simulated arm keeps within the following-error limit (default 0.3 rad) of the stream
+        n = len(peer.controller_diagnostics)
+        peer.wait_for(lambda: len(peer.controller_diagnostics) > n, "the controller's next /diagnostics", 5.0)
+        with peer.lock:
+            reports = peer.controller_diagnostics[first_report:]
+        peak = max(float(d["following_error_peak"]) for d in reports)
+        print(f"sim arm following error over the episode, peak of {len(reports)} reports: {peak:.4f} rad")
+        assert not any(d["following_error_fault"] for d in reports) and 0.0 < peak < 0.3
     finally:
         peer.close()
         codes = [_stop(ctl, tmp_path / "controller.log"), _stop(sim, tmp_path / "sim.log")]

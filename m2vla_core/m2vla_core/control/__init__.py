@@ -9,7 +9,7 @@ from m2vla_core.control.config import (
 )
 from m2vla_core.control.limits import LimitResult, distance_outside_box, limit_step
 from m2vla_core.control.streamer import (
-    ESTOPPED, HOLDING, TRACKING, ChunkStreamer, Command,
+    ESTOPPED, HOLD_FOLLOWING_ERROR, HOLDING, TRACKING, ChunkStreamer, Command,
 )
 from m2vla_core.control.timing import PeriodMonitor, TickGrid
 from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory, smoothstep
@@ -18,7 +18,7 @@ from m2vla_core.control.validation import (
 )
 
 __all__ = [
-    "ESTOPPED", "HOLDING", "PANDA_JOINT_NAMES", "PANDA_LIMITS", "PRESETS", "TRACKING", "Chunk", "ChunkStreamer",
+    "ESTOPPED", "HOLD_FOLLOWING_ERROR", "HOLDING", "PANDA_JOINT_NAMES", "PANDA_LIMITS", "PRESETS", "TRACKING", "Chunk", "ChunkStreamer",
     "ChunkEnsemble", "ChunkTrajectory", "Command", "ControllerConfig", "JointLimits", "LimitResult", "PeriodMonitor", "TickGrid", "WorkspaceBox",
     "check_chunk_order", "check_chunk_timing", "check_chunk_values", "check_joint_positions", "distance_outside_box",
     "get_preset", "limit_step", "reason_code", "smoothstep",

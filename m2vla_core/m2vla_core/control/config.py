@@ -111,9 +111,16 @@ class ControllerConfig:
     max_chunk_speed_factor: float = 3.0  # refuse chunks whose waypoint speed exceeds factor * velocity limit
     max_horizon: int = 1024  # refuse chunks with more waypoints
     workspace: WorkspaceBox | None = None  # checked only when a forward-kinematics callback is given
+    # following-error fault: |command - measured| above this on a checked joint for longer than
+    # following_error_time_s latches a hold at the measured position until reset (0 = off). It
+    # catches an arm that is blocked, collided or not powered, which the commands alone cannot see.
+    max_following_error: float = 0.0  # [rad | m]
+    following_error_time_s: float = 0.5
+    following_error_exempt: tuple[str, ...] = ()  # joints not checked (a gripper closed on an object lags by design)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "joint_names", tuple(str(n) for n in self.joint_names))
+        object.__setattr__(self, "following_error_exempt", tuple(str(n) for n in self.following_error_exempt))
         if not self.joint_names or len(set(self.joint_names)) != len(self.joint_names):
             raise ValueError(f"ControllerConfig.joint_names must be non-empty and unique, got {self.joint_names}")
         if self.limits.size != len(self.joint_names):
@@ -123,7 +130,8 @@ class ControllerConfig:
             "command_rate_hz": (1.0, 2000.0), "blend_s": (0.0, 5.0), "max_chunk_age_s": (1e-3, 60.0),
             "max_future_stamp_s": (0.0, 10.0), "chunk_timeout_s": (1e-3, 60.0),
             "max_joint_state_age_s": (1e-3, 60.0), "position_tolerance": (0.0, 1.0),
-            "max_chunk_speed_factor": (1.0, 100.0),
+            "max_chunk_speed_factor": (1.0, 100.0), "max_following_error": (0.0, 10.0),
+            "following_error_time_s": (0.0, 60.0),
         }
         for name, (lo, hi) in checks.items():
             value = getattr(self, name)
@@ -135,12 +143,21 @@ class ControllerConfig:
                              f"got {self.interpolation!r}")
         check_ensemble_chunks(self.ensemble_chunks, "ControllerConfig")
         check_ensemble_decay(self.ensemble_decay, "ControllerConfig")
+        unknown = [n for n in self.following_error_exempt if n not in self.joint_names]
+        if unknown:
+            raise ValueError(f"ControllerConfig.following_error_exempt names {unknown}, which are not in joint_names "
+                             f"{list(self.joint_names)}")
         if not isinstance(self.max_horizon, int) or not 1 <= self.max_horizon <= 1_000_000:
             raise ValueError(f"ControllerConfig.max_horizon must be an int in [1, 1e6], got {self.max_horizon!r}")
 
     @property
     def period_s(self) -> float:
         return 1.0 / self.command_rate_hz
+
+    @property
+    def following_error_checked(self) -> tuple[bool, ...]:
+        """Per joint: whether the following-error fault watches it."""
+        return tuple(self.max_following_error > 0 and n not in self.following_error_exempt for n in self.joint_names)
 
     def with_overrides(self, **changes) -> "ControllerConfig":
         return replace(self, **changes)

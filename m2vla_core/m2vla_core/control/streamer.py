@@ -22,6 +22,13 @@ no/stale joint state, no chunk, no chunk accepted for ``chunk_timeout_s``, non-f
 ``stop``/``reset``. After a hold that dropped the chunk, only chunks computed from an
 observation taken after it are accepted.
 
+Following-error fault (``max_following_error`` > 0). When the measured position stays further
+than that from the command on a checked joint for ``following_error_time_s``, the arm is not
+doing what it is told (blocked, collided, brakes on, a driver that dropped commands): the
+stream drops its chunks, holds the *measured* position (so it stops pushing against whatever
+holds the arm) and refuses chunks until ``reset``. Checked on every period with a fresh joint
+state, tracking or holding.
+
 Plain Python and numpy; time is passed in (``now_s``) so tests drive it without sleeping.
 """
 
@@ -37,7 +44,7 @@ from m2vla_core.control.config import ControllerConfig
 from m2vla_core.control.limits import distance_outside_box, limit_step
 from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory, smoothstep
 from m2vla_core.control.validation import (
-    ESTOP, STALE_STAMP, Chunk, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions, reason_code,
+    ESTOP, FOLLOWING_ERROR, STALE_STAMP, Chunk, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions, reason_code,
 )
 
 # Controller states (same meaning as m2vla_msgs/ControllerStatus STATE_*).
@@ -55,6 +62,7 @@ HOLD_CHUNK_FINISHED = "chunk_finished"
 HOLD_NON_FINITE = "non_finite"
 HOLD_STOPPED = "stopped"
 HOLD_RESET = "reset"
+HOLD_FOLLOWING_ERROR = FOLLOWING_ERROR  # latched until reset
 
 ForwardKinematics = Callable[[np.ndarray], np.ndarray]  # (A,) joint positions -> (3,) end effector [m]
 MAX_BLEND_DEPTH = 4  # chunks arriving faster than blend_s nest cross-fades; deeper ones are cut
@@ -127,6 +135,10 @@ class ChunkStreamer:
         self._estop = False
         self._idle_reason = HOLD_NO_CHUNK  # why we hold when no chunk is in flight
         self._held = True  # the last command was a hold: tracking resumes with a fresh cross-fade
+        self._checked = np.asarray(config.following_error_checked, dtype=bool)  # (A,)
+        self._over_since_s: float | None = None  # since when the following error exceeds the limit
+        self.fault = ""  # the latched following-error fault, "" when none
+        self.following_error_peak = 0.0  # largest checked |command - measured| since reset or the caller cleared it
 
     # ------------------------------------------------------------------------------ inputs
     @property
@@ -153,6 +165,8 @@ class ChunkStreamer:
         reason = None
         if self._estop:
             reason = f"{ESTOP}: chunks are refused while the e-stop is latched"
+        elif self.fault:
+            reason = f"{FOLLOWING_ERROR}: chunks are refused until reset ({self.fault})"
         elif self._measured is None:
             reason = f"{HOLD_NO_JOINT_STATE}: chunks are refused before the first joint state"
         reason = reason or check_chunk_values(chunk.values, chunk.dt_s, self.config)
@@ -202,8 +216,10 @@ class ChunkStreamer:
         self._drop(now_s, HOLD_STOPPED)
 
     def reset(self, now_s: float) -> None:
-        """Drop everything; hold at the measured state (not a stale command); sequence ids start over."""
+        """Drop everything, clear a following-error fault; hold at the measured state (not a stale
+        command); sequence ids start over."""
         self._drop(now_s, HOLD_RESET)
+        self.fault, self._over_since_s, self.following_error_peak = "", None, 0.0
         self._commanded = None
         self._velocity[:] = 0.0
         self._last_sequence_id = None
@@ -219,6 +235,10 @@ class ChunkStreamer:
             return self._hold(now_s, HOLD_NO_JOINT_STATE)
         if now_s - self._measured_s > cfg.max_joint_state_age_s:
             return self._hold(now_s, HOLD_STALE_JOINT_STATE)
+        if self.fault:
+            return self._hold(now_s, HOLD_FOLLOWING_ERROR)
+        if self._following_error_persists(now_s):
+            return self._latch_following_error(now_s)
         if self._trajectory is None:
             return self._hold(now_s, self._idle_reason)
         if now_s - self._accepted_s > cfg.chunk_timeout_s:
@@ -257,6 +277,31 @@ class ChunkStreamer:
                        HOLD_CHUNK_FINISHED if finished else "", clamped, now_s)
 
     # ------------------------------------------------------------------------------ internals
+    def _following_error_persists(self, now_s: float) -> bool:
+        """Whether the last command and the (fresh) measured state have been further apart than
+        ``max_following_error`` on a checked joint for ``following_error_time_s``."""
+        if self._commanded is None or not self._checked.any():
+            self._over_since_s = None
+            return False
+        worst = float(np.abs(self._commanded - self._measured)[self._checked].max())
+        self.following_error_peak = max(self.following_error_peak, worst)
+        if worst <= self.config.max_following_error:
+            self._over_since_s = None
+            return False
+        if self._over_since_s is None:
+            self._over_since_s = float(now_s)
+        return now_s - self._over_since_s >= self.config.following_error_time_s
+
+    def _latch_following_error(self, now_s: float) -> Command:
+        error = np.where(self._checked, np.abs(self._commanded - self._measured), -np.inf)
+        joint = int(np.argmax(error))
+        self.fault = (f"{self.config.joint_names[joint]} {error[joint]:.3f} from its command for "
+                      f"{now_s - self._over_since_s:.2f} s (limit {self.config.max_following_error:g})")
+        self._drop(now_s, HOLD_FOLLOWING_ERROR)
+        self._commanded = self._measured.copy()  # stop where the arm is, not where it was told to go
+        self.stats["following_error_faults"] += 1
+        return self._hold(now_s, HOLD_FOLLOWING_ERROR)
+
     def _target(self, now_s: float) -> np.ndarray:
         while isinstance(self._source, _Blend) and self._source.done(now_s):
             self._source = self._source.new  # finished fades collapse into their chunk

@@ -26,6 +26,7 @@ FUTURE_STAMP = "future_stamp"
 OUT_OF_ORDER = "out_of_order"
 PREDATES_HOLD = "predates_hold"
 ESTOP = "estop"
+FOLLOWING_ERROR = "following_error"
 
 
 def reason_code(reason: str) -> str:
