@@ -10,7 +10,7 @@ import pytest
 
 from m2vla_core.sim import ExpertConfig, SimConfig, TaskEnv
 from m2vla_core.sim.lerobot_io import Episode, FeatureNames, LeRobotWriter, load_lerobot_episodes
-from m2vla_core.sim.record import cli_main, record_episode
+from m2vla_core.sim.record import RecordConfig, cli_main, record_dataset, record_episode
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,27 @@ def test_record_cli_writes_successful_expert_episodes(tmp_path):
     assert all(e.success and e.task == "reach_above" and e.frames.shape[1:] == (32, 32, 3) for e in episodes)
     info = json.loads((out / "meta/info.json").read_text())
     assert info["m2vla"]["seeds"] == {"reach_above": [100, 101]} and info["fps"] == 10.0
+    assert info["m2vla"]["interrupted"] is False
+
+
+def test_an_interrupted_recording_keeps_its_finished_episodes_and_says_it_was_interrupted(tmp_path):
+    calls = []
+
+    def interrupted_after_two(env, task, seed, expert_config):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third episode
+        return record_episode(env, task, seed, expert_config)
+
+    out = tmp_path / "partial"
+    config = RecordConfig(out=out, tasks=("reach_above", "pick_lift"), episodes_per_task=5, seed_offset=40)
+    with pytest.raises(KeyboardInterrupt):
+        record_dataset(config, SimConfig(image_width=32, image_height=32), progress=False,
+                       source=interrupted_after_two)
+    assert [e.seed for e in load_lerobot_episodes(out)] == [40, 41]
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["total_episodes"] == 2 and info["m2vla"]["interrupted"] is True
+    assert info["m2vla"]["seeds"] == {"reach_above": [40, 41]}
 
 
 def test_record_cli_repeats_each_layout_with_its_own_noise(tmp_path):

@@ -156,6 +156,9 @@ def build_feature_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                                          num_text_tokens=config.num_text_tokens), image_size=config.image_size)
     backbone.check_contract(contract)  # a given backbone loaded at another size fails here, not at the first batch
     m2 = info.get("m2vla", {}) if isinstance(info.get("m2vla"), dict) else {}
+    if m2.get("interrupted"):
+        print(f"m2vla features: {data_dir} is an interrupted recording; using its {info.get('total_episodes')} "
+              "finished episodes", file=sys.stderr)
     state_names = tuple(m2.get("state_layout") or ())
     action_names = tuple(m2.get("action_layout") or ())
     fps = float(info.get("fps") or first.fps or 10.0)

@@ -117,7 +117,10 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
                    progress: bool = True, source=None, extra_info: dict | None = None) -> RecordSummary:
     """``source(env, task, seed, expert_config) -> Episode | None`` makes each episode (default
     ``record_episode``; None: nothing to record for that seed, e.g. a takeover policy that finished
-    the task itself); ``extra_info`` is added to info.json's "m2vla" record."""
+    the task itself); ``extra_info`` is added to info.json's "m2vla" record.
+
+    An interrupted recording (Ctrl-C, an error) keeps its finished episodes readable: info.json is
+    written with them, the seeds they came from, and ``"interrupted": true``."""
     from tqdm import tqdm
 
     source = source or record_episode
@@ -132,7 +135,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     extra = {"sim_config": dataclasses.asdict(sim), "renderer": env.renderer, "expert_noise_std_rad":
              config.noise_std_rad, "repeats_per_seed": config.repeats, "seed_offset": config.seed_offset,
              "state_layout": list(env.state_names), "action_layout": list(env.state_names), "seeds": {},
-             **(extra_info or {})}
+             "interrupted": True, **(extra_info or {})}  # until the last task is done
     writer = LeRobotWriter(config.out, fps=1.0 / sim.control_dt_s, image_shape=(sim.image_height, sim.image_width, 3),
                            state_names=list(env.state_names), action_names=list(env.state_names), names=names,
                            wrist_image=sim.wrist_camera, extra_info=extra, overwrite=config.overwrite)
@@ -142,7 +145,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     try:
         for task in config.tasks:
             kept = attempts = successes = 0
-            used: list[int] = []
+            used = writer.extra_info["seeds"][task] = []  # filled as episodes are written
             while kept < config.episodes_per_task and attempts < config.max_attempts_factor * config.episodes_per_task:
                 seed = config.seed_offset + attempts
                 attempts += 1
@@ -155,17 +158,17 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
                     successes += int(bool(episode.success))
                     if episode.success or config.keep_failures:
                         writer.add_episode(episode)
+                        if not written:
+                            used.append(seed)
                         written += 1
                         summary.frames += len(episode)
                         summary.episodes += 1
                         bar.update(1)
                     bar.set_postfix(task=task, ok=f"{successes}/{attempts * config.repeats}")
-                if written:
-                    used.append(seed)
-                    kept += 1
+                kept += int(written > 0)
             summary.attempts[task] = attempts * config.repeats  # expert runs
             summary.kept[task], summary.successes[task] = kept, successes
-            extra["seeds"][task] = used
+        writer.extra_info["interrupted"] = False
     finally:
         bar.close()
         writer.close()
