@@ -35,8 +35,8 @@ from std_msgs.msg import Bool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from m2vla_core.control import (
-    ESTOPPED, HOLD_FOLLOWING_ERROR, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig, JointLimits,
-    PeriodMonitor, TickGrid, WorkspaceBox,
+    ESTOPPED, HOLD_FOLLOWING_ERROR, PANDA_JOINT_NAMES, PANDA_LIMITS, TRACKING, Chunk, ChunkStreamer, ControllerConfig,
+    JointLimits, PeriodMonitor, TickGrid, WorkspaceBox,
 )
 from m2vla_core.control.config import MAX_ENSEMBLE_CHUNKS, MAX_ENSEMBLE_DECAY
 from m2vla_msgs.msg import ActionChunk, ControllerStatus
@@ -154,7 +154,20 @@ class ControllerNode(Node):
             max_chunk_speed_factor=float(p["max_chunk_speed_factor"]), workspace=workspace,
             max_following_error=float(p["max_following_error"]),
             following_error_time_s=float(p["following_error_time_s"]),
-            following_error_exempt=tuple(n for n in p["following_error_exempt"] if n))  # [""]: ROS has no empty list
+            following_error_exempt=self._following_error_exempt())
+
+    def _following_error_exempt(self) -> tuple[str, ...]:
+        """Joints the following-error check skips: those named (a name that is not a joint here is
+        dropped with a warning: there is nothing to skip) and, with ros2_control output, those
+        never sent to it (they are not commanded, so they cannot follow)."""
+        names = list(self.p["joint_names"])
+        asked = [n for n in self.p["following_error_exempt"] if n]  # [""]: ROS parameters have no empty list
+        unknown = [n for n in asked if n not in names]
+        if unknown:
+            self.get_logger().warning(f"following_error_exempt names {unknown}, not in joint_names: ignored")
+        unsent = [n for n in names if self.p["output"] == "joint_trajectory"
+                  and n not in self.p["trajectory_joint_names"]]
+        return tuple(dict.fromkeys([n for n in asked if n in names] + unsent))
 
     def _forward_kinematics(self):
         if self.config.workspace is None:
@@ -261,6 +274,7 @@ class ControllerNode(Node):
         self._enter_realtime()
         grid = TickGrid(self.config.period_s, time.monotonic())
         last_state = None
+        logged_fault = ""
         while not self._stop_loop.is_set():
             delay = grid.next_s - time.monotonic()
             if delay > 0:
@@ -273,8 +287,11 @@ class ControllerNode(Node):
                 self._send(command)
                 if (command.state, command.hold_reason) != last_state:
                     last_state = (command.state, command.hold_reason)
-                    if command.hold_reason == HOLD_FOLLOWING_ERROR:
-                        self.get_logger().error(f"FOLLOWING ERROR: {self.streamer.fault}; holding the measured "
+                    if not self.streamer.fault:
+                        logged_fault = ""
+                    if command.hold_reason == HOLD_FOLLOWING_ERROR and self.streamer.fault != logged_fault:
+                        logged_fault = self.streamer.fault  # once per fault, not after every e-stop in between
+                        self.get_logger().error(f"FOLLOWING ERROR: {logged_fault}; holding the measured "
                                                 "position until ~/reset")
                     self._update_status(command)
                     self._publish_status()

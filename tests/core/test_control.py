@@ -437,20 +437,55 @@ def test_an_arm_that_stops_following_latches_a_hold_at_where_it_is_until_reset()
     assert rig.run(0.1)[-1].state == TRACKING
 
 
-def test_a_short_lag_or_a_lagging_exempt_joint_does_not_fault():
-    config = make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0,
-                         following_error_exempt=("b",))
-    rig = Rig(config)
-    assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=rig.t),
-                             rig.t) is None
-    rig.run(0.1)
-    cmds = _drive_a_stuck_arm(rig, 0.15, [rig.q[0], 0.0])  # "a" lags 0.075 rad for 0.15 s, "b" stays at 0
-    cmds += rig.run(0.5)  # "a" catches up; "b" follows only now
-    assert all(c.hold_reason != "following_error" for c in cmds) and not rig.s.fault
-    assert rig.s.following_error_peak > 0.05  # the lag was seen, and was too short to fault
+def test_a_short_lag_does_not_fault_and_an_exempt_joint_is_not_watched():
+    def stuck_b(exempt: tuple[str, ...]) -> Rig:
+        rig = Rig(make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0,
+                              following_error_exempt=exempt))
+        assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=rig.t),
+                                 rig.t) is None
+        rig.run(0.1)
+        _drive_a_stuck_arm(rig, 0.15, [rig.q[0] - 0.075, 0.0])  # "a" 0.075 behind for 0.15 s, then it catches up
+        for _ in range(int(0.6 * RATE_HZ)):  # "b" stays at 0 (a gripper closed on a cube) while "a" follows
+            rig.t += T
+            rig.s.update_joint_state([rig.q[0], 0.0], rig.t)
+            cmd = rig.s.step(rig.t)
+            rig.q = cmd.position.copy()
+        return rig
+
+    exempt = stuck_b(("b",))
+    assert not exempt.s.fault
+    assert exempt.s.following_error_peak > 0.05  # "a"'s short lag was seen, and was too short to fault
+    assert stuck_b(()).s.fault.startswith("b ")  # the same run with "b" watched faults on "b"
     off = Rig(make_config(chunk_timeout_s=5.0))  # max_following_error 0: never checked
     off.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=off.t), off.t)
     assert all(c.hold_reason != "following_error" for c in _drive_a_stuck_arm(off, 1.0, [0.0, 0.0]))
+
+
+def test_an_error_must_last_its_full_time_after_an_unchecked_e_stop():
+    rig = Rig(make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0))
+    rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.0], horizon=80, dt=0.05, observation_s=rig.t), rig.t)
+    rig.run(0.1)
+    blocked = rig.q.copy()
+    _drive_a_stuck_arm(rig, 0.15, blocked)  # over the limit for ~0.05 s of the 0.2 s
+    rig.s.set_estop(True, rig.t)
+    _drive_a_stuck_arm(rig, 0.5, blocked)  # unchecked while e-stopped
+    rig.s.set_estop(False, rig.t)
+    cmds = _drive_a_stuck_arm(rig, 0.1, blocked)  # still 0.06 rad apart, for 0.1 s < 0.2 s
+    assert all(c.hold_reason != "following_error" for c in cmds)
+    assert _drive_a_stuck_arm(rig, 0.15, blocked)[-1].hold_reason == "following_error"
+
+
+def test_after_a_reset_the_hold_anchors_on_a_joint_state_from_after_the_reset():
+    rig = Rig(make_config(max_following_error=0.05, following_error_time_s=0.2))
+    rig.s.update_joint_state([0.8, 0.0], rig.t)  # the arm before the sim moved it home
+    rig.t += 0.01
+    rig.s.reset(rig.t)  # the reset overtook the arm's new state
+    for _ in range(3):
+        rig.t += T
+        np.testing.assert_array_equal(rig.s.step(rig.t).position, [0.8, 0.0])  # holds what is measured
+    home = _drive_a_stuck_arm(rig, 0.5, [0.0, 0.0])  # the new state arrives: held there, no fault
+    assert all(c.hold_reason == "reset" for c in home) and not rig.s.fault
+    np.testing.assert_array_equal(home[-1].position, [0.0, 0.0])
 
 
 def test_following_error_settings_are_checked():

@@ -506,12 +506,12 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
 
         # A whole episode through the graph: the scripted expert's actions, sent as chunks at 10 Hz
         # like a policy would, are interpolated, limited and executed until the task succeeds.
-        actions = _expert_actions("reach_above", seed=3)  # (N, 8)
-        assert peer.call(peer.sim_reset_client, Reset.Request(task="reach_above", seed=3)).success
+        actions = _expert_actions("push_to_zone", seed=3)  # contact: the arm pushes a cube  # (N, 8)
+        assert peer.call(peer.sim_reset_client, Reset.Request(task="push_to_zone", seed=3)).success
         peer.reset_controller()  # also clears the following-error peak the sim's reset jump left
         with peer.lock:
             first_report = len(peer.controller_diagnostics)
-        peer.wait_for(lambda: peer.task_status.task == "reach_above" and not peer.task_status.success, "new episode")
+        peer.wait_for(lambda: peer.task_status.task == "push_to_zone" and not peer.task_status.success, "new episode")
         t0 = time.monotonic()
         for k in range(len(actions) + 20):
             chunk = actions[min(k, len(actions) - 1):][:16]  # (<=16, 8)
@@ -520,7 +520,7 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
             if peer.task_status.success:
                 break
             time.sleep(max(0.0, t0 + (k + 1) * 0.1 - time.monotonic()))
-        peer.wait_for(lambda: peer.task_status.success, "reach_above to succeed in the sim", 5.0)
+        peer.wait_for(lambda: peer.task_status.success, "push_to_zone to succeed in the sim", 5.0)
         status = peer.wait_status(lambda s: True, "controller status")
         assert status.chunks_rejected == 0
         # the simulated arm keeps within the following-error limit (default 0.3 rad) of the stream

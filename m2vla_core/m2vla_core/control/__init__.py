@@ -18,8 +18,9 @@ from m2vla_core.control.validation import (
 )
 
 __all__ = [
-    "ESTOPPED", "HOLD_FOLLOWING_ERROR", "HOLDING", "PANDA_JOINT_NAMES", "PANDA_LIMITS", "PRESETS", "TRACKING", "Chunk", "ChunkStreamer",
-    "ChunkEnsemble", "ChunkTrajectory", "Command", "ControllerConfig", "JointLimits", "LimitResult", "PeriodMonitor", "TickGrid", "WorkspaceBox",
+    "ESTOPPED", "HOLD_FOLLOWING_ERROR", "HOLDING", "PANDA_JOINT_NAMES", "PANDA_LIMITS", "PRESETS", "TRACKING", "Chunk",
+    "ChunkStreamer", "ChunkEnsemble", "ChunkTrajectory", "Command", "ControllerConfig", "JointLimits", "LimitResult",
+    "PeriodMonitor", "TickGrid", "WorkspaceBox",
     "check_chunk_order", "check_chunk_timing", "check_chunk_values", "check_joint_positions", "distance_outside_box",
     "get_preset", "limit_step", "reason_code", "smoothstep",
 ]

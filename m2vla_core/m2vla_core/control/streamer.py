@@ -26,8 +26,12 @@ Following-error fault (``max_following_error`` > 0). When the measured position 
 than that from the command on a checked joint for ``following_error_time_s``, the arm is not
 doing what it is told (blocked, collided, brakes on, a driver that dropped commands): the
 stream drops its chunks, holds the *measured* position (so it stops pushing against whatever
-holds the arm) and refuses chunks until ``reset``. Checked on every period with a fresh joint
-state, tracking or holding.
+holds the arm; the command steps there at once, not through the limiter, as ros2_control's
+trajectory controller does on a tolerance violation) and refuses chunks until ``reset``.
+Checked on every period with a fresh joint state, tracking or holding; the error must last its
+full time after any period that was not checked (e-stop, stale joint state). After ``reset``
+the hold anchors on the first joint state that arrived after it, so a reset that overtakes the
+arm's new state (a simulator that just moved the arm home) does not hold the old pose.
 
 Plain Python and numpy; time is passed in (``now_s``) so tests drive it without sleeping.
 """
@@ -44,7 +48,8 @@ from m2vla_core.control.config import ControllerConfig
 from m2vla_core.control.limits import distance_outside_box, limit_step
 from m2vla_core.control.trajectory import ChunkEnsemble, ChunkTrajectory, smoothstep
 from m2vla_core.control.validation import (
-    ESTOP, FOLLOWING_ERROR, STALE_STAMP, Chunk, check_chunk_order, check_chunk_timing, check_chunk_values, check_joint_positions, reason_code,
+    ESTOP, FOLLOWING_ERROR, STALE_STAMP, Chunk, check_chunk_order, check_chunk_timing, check_chunk_values,
+    check_joint_positions, reason_code,
 )
 
 # Controller states (same meaning as m2vla_msgs/ControllerStatus STATE_*).
@@ -136,6 +141,7 @@ class ChunkStreamer:
         self._idle_reason = HOLD_NO_CHUNK  # why we hold when no chunk is in flight
         self._held = True  # the last command was a hold: tracking resumes with a fresh cross-fade
         self._checked = np.asarray(config.following_error_checked, dtype=bool)  # (A,)
+        self._reset_s = -np.inf  # a hold anchors on a joint state that arrived at or after this
         self._over_since_s: float | None = None  # since when the following error exceeds the limit
         self.fault = ""  # the latched following-error fault, "" when none
         self.following_error_peak = 0.0  # largest checked |command - measured| since reset or the caller cleared it
@@ -220,6 +226,7 @@ class ChunkStreamer:
         command); sequence ids start over."""
         self._drop(now_s, HOLD_RESET)
         self.fault, self._over_since_s, self.following_error_peak = "", None, 0.0
+        self._reset_s = float(now_s)
         self._commanded = None
         self._velocity[:] = 0.0
         self._last_sequence_id = None
@@ -229,6 +236,8 @@ class ChunkStreamer:
     def step(self, now_s: float) -> Command:
         """The command for ``now_s``; call once per command period."""
         cfg = self.config
+        if self._estop or self._measured is None or now_s - self._measured_s > cfg.max_joint_state_age_s:
+            self._over_since_s = None  # unchecked now: an error must last its full time once checked again
         if self._estop:
             return self._hold(now_s, HOLD_ESTOP, ESTOPPED)
         if self._measured is None:
@@ -345,7 +354,10 @@ class ChunkStreamer:
         self._held = True
         if position is None:
             return Command(None, None, state, reason, False, now_s)
-        self._commanded = position.copy()
+        if self._commanded is not None or self._measured_s >= self._reset_s:
+            self._commanded = position.copy()
+        # else: the joint state predates the reset (e.g. the sim just moved the arm home and its new
+        # state is on the way): hold what is measured, anchor on the first state from after the reset
         self.stats["commands"] += 1
         self.stats[f"hold_{reason}"] += 1
         return Command(position.copy(), np.zeros_like(position), state, reason, False, now_s)
