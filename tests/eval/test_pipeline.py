@@ -443,6 +443,20 @@ def test_a_head_trained_at_another_input_size_carries_it_to_eval(pipeline, tmp_p
                       "--no-progress"]) == 0
 
 
+def test_features_of_an_interrupted_recording_are_computed_with_a_warning(pipeline, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "partial"
+    shutil.copytree(pipeline["data"], data)
+    info_path = data / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["m2vla"]["interrupted"] = True  # what m2vla record leaves after a Ctrl-C
+    info_path.write_text(json.dumps(info))
+    assert features_main(["--data", str(data), "--out", str(tmp_path / "f"), "--cache", str(pipeline["cache"]),
+                          "--no-progress", *SMALL]) == 0
+    assert "interrupted recording; using its 4 finished episodes" in capsys.readouterr().err
+
+
 def test_features_refuse_an_input_size_larger_than_the_recorded_frames(pipeline, tmp_path, capsys):
     assert features_main(["--data", str(pipeline["data"]), "--out", str(tmp_path / "f"), "--cache",
                           str(pipeline["cache"]), "--image-size", "112", "--no-progress", *SMALL]) == 2
