@@ -274,7 +274,7 @@ class ControllerNode(Node):
         self._enter_realtime()
         grid = TickGrid(self.config.period_s, time.monotonic())
         last_state = None
-        logged_fault = ""
+        logged_faults = 0  # following-error faults already logged
         while not self._stop_loop.is_set():
             delay = grid.next_s - time.monotonic()
             if delay > 0:
@@ -287,11 +287,10 @@ class ControllerNode(Node):
                 self._send(command)
                 if (command.state, command.hold_reason) != last_state:
                     last_state = (command.state, command.hold_reason)
-                    if not self.streamer.fault:
-                        logged_fault = ""
-                    if command.hold_reason == HOLD_FOLLOWING_ERROR and self.streamer.fault != logged_fault:
-                        logged_fault = self.streamer.fault  # once per fault, not after every e-stop in between
-                        self.get_logger().error(f"FOLLOWING ERROR: {logged_fault}; holding the measured "
+                    faults = self.streamer.stats["following_error_faults"]
+                    if command.hold_reason == HOLD_FOLLOWING_ERROR and faults > logged_faults:
+                        logged_faults = faults  # once per fault, not after every e-stop in between
+                        self.get_logger().error(f"FOLLOWING ERROR: {self.streamer.fault}; holding the measured "
                                                 "position until ~/reset")
                     self._update_status(command)
                     self._publish_status()

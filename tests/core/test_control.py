@@ -42,7 +42,8 @@ def ramp_chunk(start, velocity, *, horizon=20, dt=0.05, observation_s=0.0, seque
 
 
 class Rig:
-    """A streamer fed by a perfect arm: the measured state is the last command."""
+    """A streamer fed by a perfect arm: the measured state is the last command (or what
+    ``run``'s ``report`` makes of it: an arm that lags or is stuck)."""
 
     def __init__(self, config: ControllerConfig, q0=(0.0, 0.0), fk=None) -> None:
         self.s = ChunkStreamer(config, fk)
@@ -52,12 +53,12 @@ class Rig:
         self.commands: list[np.ndarray] = []
         self.last = None
 
-    def run(self, seconds: float, *, feed_joint_state: bool = True):
+    def run(self, seconds: float, *, feed_joint_state: bool = True, report=None):
         out = []
         for _ in range(int(round(seconds * RATE_HZ))):
             self.t += T
             if feed_joint_state:
-                self.s.update_joint_state(self.q, self.t)
+                self.s.update_joint_state(self.q if report is None else report(self.q), self.t)
             cmd = self.s.step(self.t)
             if cmd.position is not None:
                 self.q = cmd.position.copy()
@@ -403,23 +404,13 @@ def test_stop_drops_the_chunk_and_holds_the_command():
 
 
 # ----------------------------------------------------------------------------- following error
-def _drive_a_stuck_arm(rig: Rig, seconds: float, stuck_at) -> list:
-    """Step the streamer while the arm reports ``stuck_at`` whatever it is told."""
-    out = []
-    for _ in range(int(round(seconds * RATE_HZ))):
-        rig.t += T
-        rig.s.update_joint_state(stuck_at, rig.t)
-        out.append(rig.s.step(rig.t))
-    return out
-
-
 def test_an_arm_that_stops_following_latches_a_hold_at_where_it_is_until_reset():
     rig = Rig(make_config(max_following_error=0.05, following_error_time_s=0.2, chunk_timeout_s=5.0))
     assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.0], horizon=80, dt=0.05, observation_s=rig.t),
                              rig.t) is None
     rig.run(0.1)
     blocked = rig.q.copy()  # the arm hits something here; the commands run on at 0.5 rad/s
-    cmds = _drive_a_stuck_arm(rig, 0.6, blocked)
+    cmds = rig.run(0.6, report=lambda q: blocked)
     faulted = [i for i, c in enumerate(cmds) if c.hold_reason == "following_error"]
     # 0.05 rad behind after 0.1 s, then 0.2 s more: latched about 0.3 s into the block, never before 0.2 s
     assert faulted and 0.2 <= faulted[0] * T <= 0.35
@@ -430,7 +421,7 @@ def test_an_arm_that_stops_following_latches_a_hold_at_where_it_is_until_reset()
     assert reason_code(reason) == "following_error"
     rig.s.set_estop(True, rig.t)
     rig.s.set_estop(False, rig.t)  # releasing an e-stop does not clear the fault
-    assert _drive_a_stuck_arm(rig, 0.05, blocked)[-1].hold_reason == "following_error"
+    assert rig.run(0.05, report=lambda q: blocked)[-1].hold_reason == "following_error"
     rig.s.reset(rig.t)
     assert not rig.s.fault
     assert rig.s.offer_chunk(ramp_chunk(blocked, [0.5, 0.0], observation_s=rig.t, sequence_id=1), rig.t) is None
@@ -444,12 +435,8 @@ def test_a_short_lag_does_not_fault_and_an_exempt_joint_is_not_watched():
         assert rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=rig.t),
                                  rig.t) is None
         rig.run(0.1)
-        _drive_a_stuck_arm(rig, 0.15, [rig.q[0] - 0.075, 0.0])  # "a" 0.075 behind for 0.15 s, then it catches up
-        for _ in range(int(0.6 * RATE_HZ)):  # "b" stays at 0 (a gripper closed on a cube) while "a" follows
-            rig.t += T
-            rig.s.update_joint_state([rig.q[0], 0.0], rig.t)
-            cmd = rig.s.step(rig.t)
-            rig.q = cmd.position.copy()
+        rig.run(0.15, report=lambda q: [q[0] - 0.075, 0.0])  # "a" 0.075 behind for 0.15 s, then it catches up
+        rig.run(0.6, report=lambda q: [q[0], 0.0])  # "b" stays at 0 (a gripper closed on a cube) while "a" follows
         return rig
 
     exempt = stuck_b(("b",))
@@ -458,7 +445,7 @@ def test_a_short_lag_does_not_fault_and_an_exempt_joint_is_not_watched():
     assert stuck_b(()).s.fault.startswith("b ")  # the same run with "b" watched faults on "b"
     off = Rig(make_config(chunk_timeout_s=5.0))  # max_following_error 0: never checked
     off.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.5], horizon=80, dt=0.05, observation_s=off.t), off.t)
-    assert all(c.hold_reason != "following_error" for c in _drive_a_stuck_arm(off, 1.0, [0.0, 0.0]))
+    assert all(c.hold_reason != "following_error" for c in off.run(1.0, report=lambda q: [0.0, 0.0]))
 
 
 def test_an_error_must_last_its_full_time_after_an_unchecked_e_stop():
@@ -466,13 +453,14 @@ def test_an_error_must_last_its_full_time_after_an_unchecked_e_stop():
     rig.s.offer_chunk(ramp_chunk([0.0, 0.0], [0.5, 0.0], horizon=80, dt=0.05, observation_s=rig.t), rig.t)
     rig.run(0.1)
     blocked = rig.q.copy()
-    _drive_a_stuck_arm(rig, 0.15, blocked)  # over the limit for ~0.05 s of the 0.2 s
+    stuck = {"report": lambda q: blocked}
+    rig.run(0.15, **stuck)  # over the limit for ~0.05 s of the 0.2 s
     rig.s.set_estop(True, rig.t)
-    _drive_a_stuck_arm(rig, 0.5, blocked)  # unchecked while e-stopped
+    rig.run(0.5, **stuck)  # unchecked while e-stopped
     rig.s.set_estop(False, rig.t)
-    cmds = _drive_a_stuck_arm(rig, 0.1, blocked)  # still 0.06 rad apart, for 0.1 s < 0.2 s
+    cmds = rig.run(0.1, **stuck)  # still 0.06 rad apart, for 0.1 s < 0.2 s
     assert all(c.hold_reason != "following_error" for c in cmds)
-    assert _drive_a_stuck_arm(rig, 0.15, blocked)[-1].hold_reason == "following_error"
+    assert rig.run(0.15, **stuck)[-1].hold_reason == "following_error"
 
 
 def test_after_a_reset_the_hold_anchors_on_a_joint_state_from_after_the_reset():
@@ -483,7 +471,7 @@ def test_after_a_reset_the_hold_anchors_on_a_joint_state_from_after_the_reset():
     for _ in range(3):
         rig.t += T
         np.testing.assert_array_equal(rig.s.step(rig.t).position, [0.8, 0.0])  # holds what is measured
-    home = _drive_a_stuck_arm(rig, 0.5, [0.0, 0.0])  # the new state arrives: held there, no fault
+    home = rig.run(0.5, report=lambda q: [0.0, 0.0])  # the new state arrives: held there, no fault
     assert all(c.hold_reason == "reset" for c in home) and not rig.s.fault
     np.testing.assert_array_equal(home[-1].position, [0.0, 0.0])
 

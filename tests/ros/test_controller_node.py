@@ -506,7 +506,7 @@ def test_controller_drives_the_pybullet_sim_arm_and_the_sim_resets(tmp_path):
 
         # A whole episode through the graph: the scripted expert's actions, sent as chunks at 10 Hz
         # like a policy would, are interpolated, limited and executed until the task succeeds.
-        actions = _expert_actions("push_to_zone", seed=3)  # contact: the arm pushes a cube  # (N, 8)
+        actions = _expert_actions("push_to_zone", seed=3)  # (N, 8); contact: the arm pushes a cube
         assert peer.call(peer.sim_reset_client, Reset.Request(task="push_to_zone", seed=3)).success
         peer.reset_controller()  # also clears the following-error peak the sim's reset jump left
         with peer.lock:

@@ -236,14 +236,12 @@ class ChunkStreamer:
     def step(self, now_s: float) -> Command:
         """The command for ``now_s``; call once per command period."""
         cfg = self.config
-        if self._estop or self._measured is None or now_s - self._measured_s > cfg.max_joint_state_age_s:
-            self._over_since_s = None  # unchecked now: an error must last its full time once checked again
         if self._estop:
-            return self._hold(now_s, HOLD_ESTOP, ESTOPPED)
+            return self._unchecked_hold(now_s, HOLD_ESTOP, ESTOPPED)
         if self._measured is None:
-            return self._hold(now_s, HOLD_NO_JOINT_STATE)
+            return self._unchecked_hold(now_s, HOLD_NO_JOINT_STATE)
         if now_s - self._measured_s > cfg.max_joint_state_age_s:
-            return self._hold(now_s, HOLD_STALE_JOINT_STATE)
+            return self._unchecked_hold(now_s, HOLD_STALE_JOINT_STATE)
         if self.fault:
             return self._hold(now_s, HOLD_FOLLOWING_ERROR)
         if self._following_error_persists(now_s):
@@ -346,6 +344,12 @@ class ChunkStreamer:
         self._idle_reason = reason
         if forbid_older:
             self._not_before_s = float(now_s)
+
+    def _unchecked_hold(self, now_s: float, reason: str, state: str = HOLDING) -> Command:
+        """A hold in which the following error cannot be judged (no fresh joint state, or an
+        e-stop): the error must last its full time once it is checked again."""
+        self._over_since_s = None
+        return self._hold(now_s, reason, state)
 
     def _hold(self, now_s: float, reason: str, state: str = HOLDING) -> Command:
         position = self._commanded if self._commanded is not None else self._measured
