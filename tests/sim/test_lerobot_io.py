@@ -81,6 +81,28 @@ def test_writer_refuses_to_overwrite_an_existing_dataset(tmp_path, recorded):
         _writer(tmp_path)
 
 
+def test_a_ctrl_c_right_after_an_episode_is_committed_still_counts_it(tmp_path, recorded, monkeypatch):
+    episode, _ = recorded
+    append_line = LeRobotWriter._append_line
+
+    def interrupted_after_the_commit(self, name, record):
+        append_line(self, name, record)
+        if name == "episodes.jsonl" and record["episode_index"] == 1:
+            raise KeyboardInterrupt  # the line is on disk, the writer's bookkeeping is not
+
+    writer = _writer(tmp_path)
+    writer.add_episode(episode)
+    monkeypatch.setattr(LeRobotWriter, "_append_line", interrupted_after_the_commit)
+    with pytest.raises(KeyboardInterrupt):
+        writer.add_episode(episode)
+    writer.close()
+    info = json.loads((tmp_path / "meta/info.json").read_text())
+    assert len(load_lerobot_episodes(tmp_path)) == info["total_episodes"] == 2
+    assert info["total_frames"] == 2 * len(episode)
+    stats = json.loads((tmp_path / "meta/stats.json").read_text())
+    assert stats["observation.state"]["count"] == [2 * len(episode)]
+
+
 def test_record_cli_writes_successful_expert_episodes(tmp_path):
     out = tmp_path / "demo"
     rc = cli_main(["--out", str(out), "--tasks", "reach_above", "--episodes-per-task", "2", "--image-size", "32",

@@ -112,7 +112,11 @@ def _stats(x: np.ndarray, image: bool = False) -> dict[str, Any]:
 
 
 class LeRobotWriter:
-    """Append episodes to a new LeRobot v2.1 dataset directory; ``close()`` writes the metadata."""
+    """Append episodes to a new LeRobot v2.1 dataset directory; ``close()`` writes the metadata.
+
+    An episode's line in meta/episodes.jsonl is its commit: the loader reads the episodes listed
+    there, and ``close()`` counts and pools statistics over exactly those, read back from disk, so a
+    Ctrl-C anywhere in ``add_episode`` leaves info.json agreeing with what the loader reads."""
 
     def __init__(self, root: str | Path, fps: float, image_shape: tuple[int, int, int], state_names: list[str],
                  action_names: list[str], names: FeatureNames | None = None, robot_type: str = "franka_panda",
@@ -147,7 +151,6 @@ class LeRobotWriter:
         self._tasks: dict[str, int] = {}
         self._episodes = 0
         self._frames = 0
-        self._all_stats: dict[str, list[dict[str, Any]]] = {}
 
     def _hf_features(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -208,33 +211,45 @@ class LeRobotWriter:
         pq.write_table(table, path)
         record = {"episode_index": index, "tasks": [ep.instruction], "length": t, "m2vla_task": ep.task,
                   "seed": ep.seed, "success": ep.success}
-        with open(self.root / "meta" / "episodes.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        with open(self.root / "meta" / "episodes_stats.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"episode_index": index, "stats": stats}) + "\n")
-        for key, value in stats.items():
-            self._all_stats.setdefault(key, []).append(value)
+        self._append_line("episodes_stats.jsonl", {"episode_index": index, "stats": stats})
+        self._append_line("episodes.jsonl", record)  # the commit
         self._episodes += 1
         self._frames += t
         return index
 
+    def _append_line(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.root / "meta" / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def committed_episodes(self) -> list[dict[str, Any]]:
+        """The meta/episodes.jsonl records written so far: the episodes a reader will find."""
+        return _read_jsonl(self.root / "meta" / "episodes.jsonl")
+
     def close(self) -> None:
-        """Write info.json, tasks.jsonl and stats.json (safe to call once at the end)."""
+        """Write info.json, tasks.jsonl and stats.json over the committed episodes (safe to call
+        once at the end, also after an interrupted ``add_episode``)."""
         meta = self.root / "meta"
+        committed = self.committed_episodes()
+        episodes, frames = len(committed), sum(int(e["length"]) for e in committed)
+        written = {line["episode_index"]: line["stats"] for line in _read_jsonl(meta / "episodes_stats.jsonl")}
+        pooled: dict[str, list[dict[str, Any]]] = {}
+        for e in committed:  # the last stats line of each committed episode
+            for key, value in written[e["episode_index"]].items():
+                pooled.setdefault(key, []).append(value)
         with open(meta / "tasks.jsonl", "w", encoding="utf-8") as f:
             for text, i in sorted(self._tasks.items(), key=lambda kv: kv[1]):
                 f.write(json.dumps({"task_index": i, "task": text}) + "\n")
         info = {
             "codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type,
-            "total_episodes": self._episodes, "total_frames": self._frames, "total_tasks": len(self._tasks),
-            "total_videos": 0, "total_chunks": max(1, -(-self._episodes // CHUNKS_SIZE)), "chunks_size": CHUNKS_SIZE,
-            "fps": self.fps, "splits": {"train": f"0:{self._episodes}"}, "data_path": DATA_PATH,
+            "total_episodes": episodes, "total_frames": frames, "total_tasks": len(self._tasks),
+            "total_videos": 0, "total_chunks": max(1, -(-episodes // CHUNKS_SIZE)), "chunks_size": CHUNKS_SIZE,
+            "fps": self.fps, "splits": {"train": f"0:{episodes}"}, "data_path": DATA_PATH,
             "video_path": None, "features": self.features,
         }
         if self.extra_info:
             info["m2vla"] = self.extra_info
         (meta / "info.json").write_text(json.dumps(info, indent=4) + "\n", encoding="utf-8")
-        (meta / "stats.json").write_text(json.dumps(_merge_stats(self._all_stats), indent=1) + "\n", encoding="utf-8")
+        (meta / "stats.json").write_text(json.dumps(_merge_stats(pooled), indent=1) + "\n", encoding="utf-8")
 
     def __enter__(self) -> "LeRobotWriter":
         return self

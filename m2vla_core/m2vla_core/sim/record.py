@@ -145,7 +145,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     try:
         for task in config.tasks:
             kept = attempts = successes = 0
-            used = writer.extra_info["seeds"][task] = []  # filled as episodes are written
+            writer.extra_info["seeds"][task] = []  # filled from the written episodes at the end
             while kept < config.episodes_per_task and attempts < config.max_attempts_factor * config.episodes_per_task:
                 seed = config.seed_offset + attempts
                 attempts += 1
@@ -158,8 +158,6 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
                     successes += int(bool(episode.success))
                     if episode.success or config.keep_failures:
                         writer.add_episode(episode)
-                        if not written:
-                            used.append(seed)
                         written += 1
                         summary.frames += len(episode)
                         summary.episodes += 1
@@ -171,6 +169,10 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
         writer.extra_info["interrupted"] = False
     finally:
         bar.close()
+        seeds = writer.extra_info["seeds"]
+        for record in writer.committed_episodes():  # including one committed as a Ctrl-C came
+            if record["seed"] not in seeds.setdefault(record["m2vla_task"], []):
+                seeds[record["m2vla_task"]].append(record["seed"])
         writer.close()
         env.close()
     summary.seconds = time.perf_counter() - t0
