@@ -36,6 +36,26 @@ def test_the_episode_starts_where_the_policy_left_the_arm_and_ends_in_success(en
     assert len(episode.frames) == len(episode.states) == len(episode.actions)
 
 
+class _BeyondJointLimits:
+    """A policy whose every chunk sends joint 1 far past its limit."""
+
+    def reset(self):
+        pass
+
+    def act(self, observation):
+        chunk = np.tile(np.asarray(observation.joint_positions, dtype=np.float64), (16, 1))  # (H, A)
+        chunk[:, 0] = 10.0  # [rad]; the Panda's joint 1 stops at 2.9
+        return chunk
+
+
+def test_the_policy_drives_through_the_controllers_checks_so_a_refused_chunk_holds_the_arm(env):
+    # without the checks the simulator would clip the target and swing joint 1 to its limit
+    result = record_takeover_episode(env, _BeyondJointLimits(), "reach_above", 0, ExpertConfig(),
+                                     TakeoverConfig(min_steps=8, max_steps=8))
+    assert result.takeover_step == 8
+    assert np.allclose(result.episode.states[0], env.home_action, atol=1e-3)
+
+
 def test_a_policy_that_finishes_before_its_takeover_gives_no_episode(env):
     config = TakeoverConfig(min_steps=150, max_steps=150)
     result = record_takeover_episode(env, ExpertAgent(env), "reach_above", 0, ExpertConfig(), config)

@@ -3,8 +3,9 @@
 A head trained on expert demonstrations is queried on its own states at run time, and there its
 small errors compound (docs/results.md, "Traced failures"): the lowering onto a base cube is 1 cm
 off open loop and 2-3 cm off closed loop. A takeover episode lets the policy drive a layout for a
-random number of control steps, exactly as ``m2vla eval`` runs it, then hands the arm to the
-scripted expert, which plans from the state the policy left (``make_expert(resume=True)``). Only
+random number of control steps, exactly as ``m2vla eval`` runs it (re-planning, ensembling and
+the ROS controller's chunk checks: a chunk the controller would refuse holds the arm), then
+hands the arm to the scripted expert, which plans from the state the policy left (``make_expert(resume=True)``). Only
 the expert's part is recorded: its first frames are the policy's states, its labels the
 expert's. Trained together with the demonstrations, these show the head how to recover from
 where it actually goes.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from m2vla_core.control.config import get_preset
 from m2vla_core.evaluation.rollout import ENSEMBLE_CHUNKS, ENSEMBLE_DECAY, EXECUTE_STEPS, RolloutConfig, run_episode
 from m2vla_core.sim.experts import ExpertConfig, drive_expert, make_expert
 from m2vla_core.sim.lerobot_io import Episode
@@ -46,7 +48,7 @@ class TakeoverConfig:
 
     def rollout(self, steps: int) -> RolloutConfig:
         return RolloutConfig(max_steps=steps, execute_steps=self.execute_steps, ensemble_chunks=self.ensemble_chunks,
-                             ensemble_decay=self.ensemble_decay)
+                             ensemble_decay=self.ensemble_decay, controller=get_preset("panda"))
 
 
 @dataclass
