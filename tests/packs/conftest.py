@@ -1,7 +1,7 @@
 """Module fixtures: a few recorded episodes of two tasks -> small features -> two tiny packs -> a set.
 
 Everything is real (PyBullet expert demos, the shipped tiny Qwen2-VL backbone, the normal
-trainer); only the sizes are small: 3 episodes per task, 2 backbone layers, 4 pooled image
+trainer); only the sizes are small: 8 episodes per task, 2 backbone layers, 4 pooled image
 tokens, heads of width 32 trained for a few dozen steps.
 """
 

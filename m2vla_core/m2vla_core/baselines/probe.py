@@ -1,9 +1,9 @@
 """Text-only probe of the backbone: next-token loss and logits on a fixed text set.
 
 It answers "did training this policy change the VLM?" with tensors, not claims:
-- MoL+MSM path: load the backbone, probe, train a head for some steps on features the
-  backbone extracts live (gradients flow through the head only), probe again. The logits
-  must be bit-identical (``torch.equal``), and the parameter fingerprint unchanged.
+- Frozen path: load the backbone, probe, train a MoL head (``mol+mlp``: MSM adds a memory, not
+  a path into the backbone) for some steps on features the backbone extracts live (gradients
+  flow through the head only), probe again. The logits must be bit-identical (``torch.equal``), and the parameter fingerprint unchanged.
 - LoRA path: probe the base model, then the same model with the trained adapter active,
   merged into the weights, and disabled. Active / merged change the logits; disabled gives
   back the base logits exactly (LoRA adds to, never overwrites, the base weights).
@@ -62,7 +62,7 @@ def compare(a: ProbeResult, b: ProbeResult) -> dict:
 
 
 def frozen_backbone_probe(feature_steps: int = 20, *, backbone_path=None, seed: int = 0) -> dict:
-    """Probe -> train a MoL+MSM head for ``feature_steps`` steps on live backbone features -> probe."""
+    """Probe -> train a MoL+MLP head for ``feature_steps`` steps on live backbone features -> probe."""
     from m2vla_core.backbone.adapter import FrozenBackbone
     from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.heads.configuration_head import HeadConfig

@@ -300,7 +300,7 @@ class TextAgent:
 
 def latency_comparison(policy: TextActionPolicy, head_checkpoint, frames: list[tuple], *, warmup: int = 1) -> dict:
     """Per-chunk latency on the same frames, interleaved in one process: text policy (full-length
-    greedy chunk) vs frozen backbone features + MoL+MSM head (torch). ``frames``: (image, instruction, state)."""
+    greedy chunk) vs frozen backbone features + MoL+MSM head (onnxruntime). ``frames``: (image, instruction, state)."""
     from m2vla_core.backbone.adapter import FrozenBackbone
     from m2vla_core.backbone.tiny import default_backbone_path
     from m2vla_core.export.runtime import HeadPolicy

@@ -2,10 +2,11 @@
 
 Every task runs ``--episodes`` seeded episodes, seeds ``seed_offset .. seed_offset + N - 1``
 (default offset 1000: ``m2vla record`` uses 0.. for training data, so evaluation layouts are
-held out). Episodes are spread over ``--workers`` spawned processes, each with its own env,
-backbone and head (one torch thread each). Output: a per-task success table on stdout, a JSON
-report (``mean_success``, per-task success, seeds, act latency p50 / p99), a PNG bar chart
-and one short GIF per task.
+held out). With ``--workers`` > 1 episodes are spread over spawned processes, each with its
+own env, backbone and head (one torch thread each); with 1 they run in this process at torch's
+default thread count. Output: a per-task success table on stdout; with ``--json`` a JSON report
+(``mean_success``, per-task success, seeds, act latency p50 / p99); with ``--out DIR`` that
+report as eval.json, a PNG bar chart and one short GIF per task (unless ``--no-gif``).
 """
 
 from __future__ import annotations
