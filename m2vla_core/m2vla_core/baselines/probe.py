@@ -3,7 +3,8 @@
 It answers "did training this policy change the VLM?" with tensors, not claims:
 - Frozen path: load the backbone, probe, train a MoL head (``mol+mlp``: MSM adds a memory, not
   a path into the backbone) for some steps on features the backbone extracts live (gradients
-  flow through the head only), probe again. The logits must be bit-identical (``torch.equal``), and the parameter fingerprint unchanged.
+  flow through the head only), probe again. The logits must be bit-identical (``torch.equal``),
+  and the parameter fingerprint unchanged.
 - LoRA path: probe the base model, then the same model with the trained adapter active,
   merged into the weights, and disabled. Active / merged change the logits; disabled gives
   back the base logits exactly (LoRA adds to, never overwrites, the base weights).

@@ -5,10 +5,10 @@ small errors compound (docs/results.md, "Traced failures"): the lowering onto a 
 off open loop and 2-3 cm off closed loop. A takeover episode lets the policy drive a layout for a
 random number of control steps, exactly as ``m2vla eval`` runs it (re-planning, ensembling and
 the ROS controller's chunk checks: a chunk the controller would refuse holds the arm), then
-hands the arm to the scripted expert, which plans from the state the policy left (``make_expert(resume=True)``). Only
-the expert's part is recorded: its first frames are the policy's states, its labels the
-expert's. Trained together with the demonstrations, these show the head how to recover from
-where it actually goes.
+hands the arm to the scripted expert, which plans from the state the policy left
+(``make_expert(resume=True)``). Only the expert's part is recorded: its first frames are the
+policy's states, its labels the expert's. Trained together with the demonstrations, these show
+the head how to recover from where it actually goes.
 """
 
 from __future__ import annotations
