@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,6 +106,47 @@ def test_a_ctrl_c_right_after_an_episode_is_committed_still_counts_it(tmp_path, 
     assert info["total_frames"] == 2 * len(episode)
     stats = json.loads((tmp_path / "meta/stats.json").read_text())
     assert stats["observation.state"]["count"] == [2 * len(episode)]
+
+
+def test_a_last_line_cut_short_is_an_uncommitted_episode_and_other_bad_lines_are_errors(tmp_path, recorded, caplog):
+    episode, _ = recorded
+    with _writer(tmp_path) as writer:
+        writer.add_episode(episode)
+        writer.add_episode(episode)
+    episodes_file = tmp_path / "meta/episodes.jsonl"
+    lines = episodes_file.read_text()
+    episodes_file.write_text(lines + '{"episode_index": 2, "tas')  # killed while appending a third commit
+    with caplog.at_level(logging.WARNING, logger="m2vla_core.sim.lerobot_io"):
+        assert [e.index for e in load_lerobot_episodes(tmp_path)] == [0, 1]
+    assert "cut short" in caplog.text
+    episodes_file.write_text(lines.replace("\n", "\nnot json\n", 1))
+    with pytest.raises(ValueError, match=r"episodes.jsonl:2: not a JSON line"):
+        load_lerobot_episodes(tmp_path)
+
+
+def test_a_recording_killed_outright_stays_readable_and_says_it_was_interrupted(tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-c", "import sys; from m2vla_core.sim.record import cli_main; sys.exit(cli_main("
+               "sys.argv[1:]))", "--out", str(out), "--tasks", "reach_above", "--episodes-per-task", "50",
+               "--image-size", "32", "--seed-offset", "300", "--no-progress"]
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    commits = out / "meta/episodes.jsonl"
+    deadline = time.monotonic() + 120
+    while recorder.poll() is None and time.monotonic() < deadline:
+        if commits.exists() and commits.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    recorder.send_signal(signal.SIGKILL)  # no handler, no finally: only what is on disk counts
+    _, stderr = recorder.communicate(timeout=30)
+    assert recorder.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    episodes = load_lerobot_episodes(out)
+    assert len(episodes) >= 2 and [e.seed for e in episodes] == list(range(300, 300 + len(episodes)))
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["m2vla"]["interrupted"] is True
+    assert len(episodes) - 1 <= info["total_episodes"] <= len(episodes)  # at most the commit in flight behind
+    assert info["m2vla"]["seeds"]["reach_above"] == [e.seed for e in episodes][:info["total_episodes"]]
+    with pytest.raises(FileExistsError):  # a rerun into the same directory does not clobber what was kept
+        LeRobotWriter(out, fps=10.0, image_shape=(32, 32, 3), state_names=["s"], action_names=["a"])
 
 
 def test_record_cli_writes_successful_expert_episodes(tmp_path):

@@ -23,11 +23,15 @@ from __future__ import annotations
 import difflib
 import io
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CODEBASE_VERSION = "v2.1"
 CHUNKS_SIZE = 1000
@@ -112,11 +116,15 @@ def _stats(x: np.ndarray, image: bool = False) -> dict[str, Any]:
 
 
 class LeRobotWriter:
-    """Append episodes to a new LeRobot v2.1 dataset directory; ``close()`` writes the metadata.
+    """Append episodes to a new LeRobot v2.1 dataset directory.
 
     An episode's line in meta/episodes.jsonl is its commit: the loader reads the episodes listed
-    there, and ``close()`` counts and pools statistics over exactly those, read back from disk, so a
-    Ctrl-C anywhere in ``add_episode`` leaves info.json agreeing with what the loader reads."""
+    there. The metadata (info.json, tasks.jsonl, stats.json) is rewritten, atomically, after every
+    commit, so a recording killed outright (SIGKILL, power loss) stays readable, its totals at most
+    the one episode being committed behind; ``close()`` rewrites it over the committed episodes read
+    back from disk, so a Ctrl-C anywhere in ``add_episode`` leaves info.json agreeing with what the
+    loader reads. With ``extra_info``, info.json's "m2vla" record also lists the committed
+    episodes' seeds per task under "seeds" (tasks already named there keep their entry)."""
 
     def __init__(self, root: str | Path, fps: float, image_shape: tuple[int, int, int], state_names: list[str],
                  action_names: list[str], names: FeatureNames | None = None, robot_type: str = "franka_panda",
@@ -151,6 +159,8 @@ class LeRobotWriter:
         self._tasks: dict[str, int] = {}
         self._episodes = 0
         self._frames = 0
+        self._committed: list[dict[str, Any]] = []
+        self._stats: dict[int, dict[str, Any]] = {}
 
     def _hf_features(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -215,6 +225,9 @@ class LeRobotWriter:
         self._append_line("episodes.jsonl", record)  # the commit
         self._episodes += 1
         self._frames += t
+        self._committed.append(record)
+        self._stats[index] = stats
+        self._write_metadata(self._committed, self._stats)
         return index
 
     def _append_line(self, name: str, record: dict[str, Any]) -> None:
@@ -226,19 +239,20 @@ class LeRobotWriter:
         return _read_jsonl(self.root / "meta" / "episodes.jsonl")
 
     def close(self) -> None:
-        """Write info.json, tasks.jsonl and stats.json over the committed episodes (safe to call
-        once at the end, also after an interrupted ``add_episode``)."""
-        meta = self.root / "meta"
-        committed = self.committed_episodes()
+        """Write info.json, tasks.jsonl and stats.json over the committed episodes read back from
+        disk (safe to call once at the end, also after an interrupted ``add_episode``)."""
+        written = {line["episode_index"]: line["stats"]
+                   for line in _read_jsonl(self.root / "meta" / "episodes_stats.jsonl")}
+        self._write_metadata(self.committed_episodes(), written)  # the last stats line per index wins
+
+    def _write_metadata(self, committed: list[dict[str, Any]], stats: dict[int, dict[str, Any]]) -> None:
         episodes, frames = len(committed), sum(int(e["length"]) for e in committed)
-        written = {line["episode_index"]: line["stats"] for line in _read_jsonl(meta / "episodes_stats.jsonl")}
         pooled: dict[str, list[dict[str, Any]]] = {}
-        for e in committed:  # the last stats line of each committed episode
-            for key, value in written[e["episode_index"]].items():
+        for e in committed:
+            for key, value in stats[e["episode_index"]].items():
                 pooled.setdefault(key, []).append(value)
-        with open(meta / "tasks.jsonl", "w", encoding="utf-8") as f:
-            for text, i in sorted(self._tasks.items(), key=lambda kv: kv[1]):
-                f.write(json.dumps({"task_index": i, "task": text}) + "\n")
+        tasks = "".join(json.dumps({"task_index": i, "task": text}) + "\n"
+                        for text, i in sorted(self._tasks.items(), key=lambda kv: kv[1]))
         info = {
             "codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type,
             "total_episodes": episodes, "total_frames": frames, "total_tasks": len(self._tasks),
@@ -247,15 +261,28 @@ class LeRobotWriter:
             "video_path": None, "features": self.features,
         }
         if self.extra_info:
-            info["m2vla"] = self.extra_info
-        (meta / "info.json").write_text(json.dumps(info, indent=4) + "\n", encoding="utf-8")
-        (meta / "stats.json").write_text(json.dumps(_merge_stats(pooled), indent=1) + "\n", encoding="utf-8")
+            seeds = {task: [] for task in self.extra_info.get("seeds", {})}
+            for e in committed:
+                if e["seed"] not in seeds.setdefault(e["m2vla_task"], []):
+                    seeds[e["m2vla_task"]].append(e["seed"])
+            info["m2vla"] = {**self.extra_info, "seeds": seeds}
+        meta = self.root / "meta"
+        _replace_text(meta / "tasks.jsonl", tasks)
+        _replace_text(meta / "stats.json", json.dumps(_merge_stats(pooled), indent=1) + "\n")
+        _replace_text(meta / "info.json", json.dumps(info, indent=4) + "\n")  # last: it names the others' totals
 
     def __enter__(self) -> "LeRobotWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the previous version."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _merge_stats(per_episode: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -276,9 +303,25 @@ def _merge_stats(per_episode: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
 
 # ------------------------------------------------------------------------------------ reading
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short (no newline after it: a writer killed
+    while appending it) is skipped with a warning, so an interrupted commit does not count; any
+    other line that is not JSON is an error naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # text does not end with a newline: the last append was cut short
+                log.warning("%s: skipping its last line, cut short while it was written: %.60r", path, line)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+    return records
 
 
 def _require_feature(features: dict[str, Any], key: str, role: str) -> None:

@@ -119,8 +119,9 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     ``record_episode``; None: nothing to record for that seed, e.g. a takeover policy that finished
     the task itself); ``extra_info`` is added to info.json's "m2vla" record.
 
-    An interrupted recording (Ctrl-C, an error) keeps its finished episodes readable: info.json is
-    written with them, the seeds they came from, and ``"interrupted": true``."""
+    An interrupted recording keeps its finished episodes readable: info.json is rewritten after
+    every episode with them, the seeds they came from and ``"interrupted": true`` (false once all
+    tasks are done), so this holds after a Ctrl-C, an error or a kill the process cannot catch."""
     from tqdm import tqdm
 
     source = source or record_episode
@@ -145,7 +146,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
     try:
         for task in config.tasks:
             kept = attempts = successes = 0
-            writer.extra_info["seeds"][task] = []  # filled from the written episodes at the end
+            writer.extra_info["seeds"][task] = []  # listed even if none is kept; the writer fills it
             while kept < config.episodes_per_task and attempts < config.max_attempts_factor * config.episodes_per_task:
                 seed = config.seed_offset + attempts
                 attempts += 1
@@ -169,11 +170,7 @@ def record_dataset(config: RecordConfig, sim: SimConfig | None = None, names: Fe
         writer.extra_info["interrupted"] = False
     finally:
         bar.close()
-        seeds = writer.extra_info["seeds"]
-        for record in writer.committed_episodes():  # including one committed as a Ctrl-C came
-            if record["seed"] not in seeds.setdefault(record["m2vla_task"], []):
-                seeds[record["m2vla_task"]].append(record["seed"])
-        writer.close()
+        writer.close()  # over the episodes on disk, including one committed as a Ctrl-C came
         env.close()
     summary.seconds = time.perf_counter() - t0
     return summary
